@@ -59,7 +59,7 @@ class ServerSpec(BaseModel):
     kwargs: dict[str, Any] = Field(default_factory=dict)
     host: str = "127.0.0.1"
     port: int = 0
-    bootstrap_port: int | None = Field(None, description="None: no bootstrap port; 0: a free one")
+    bootstrap_port: int | None = Field(default=None, description="None: no bootstrap port; 0: a free one")
     startup_s: float = 600.0
     graceful_s: float = 15.0
 

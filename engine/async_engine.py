@@ -152,7 +152,8 @@ class AsyncLLMEngine:
         raise AbortedError(f"prefill of {request_id!r} ended without a result")
 
     async def abort(self, request_id: str) -> bool:
-        return bool(await self._call(lambda e: self._abort_now(e, request_id)))
+        """Abort a request in any state; its stream (if any) ends with ``finish_reason="abort"``."""
+        return bool(await self._call(lambda e: e.abort(request_id)))
 
     async def reserve(self, request_id: str, num_prompt_tokens: int) -> list[int]:
         return list(

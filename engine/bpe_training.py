@@ -81,7 +81,9 @@ def stdlib_corpus(max_chars: int = CORPUS_MAX_CHARS) -> list[str]:
     return texts
 
 
-def train_bpe_tokenizer(vocab_size: int = DEFAULT_VOCAB_SIZE, *, max_chars: int = CORPUS_MAX_CHARS) -> tokenizers.Tokenizer:
+def train_bpe_tokenizer(
+    vocab_size: int = DEFAULT_VOCAB_SIZE, *, max_chars: int = CORPUS_MAX_CHARS
+) -> tokenizers.Tokenizer:
     """A byte-level BPE tokenizer with GLM's added tokens; ``vocab_size`` includes them."""
     n_added = len(GLM_ADDED_TOKENS)
     if vocab_size < 256 + n_added + 1:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
 from typing import Any
@@ -46,7 +47,7 @@ _CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
 class _GenerationTag(jinja2.ext.Extension):
     """``{% generation %}...{% endgeneration %}`` (assistant-mask markers): renders the body."""
 
-    tags = {"generation"}
+    tags = {"generation"}  # noqa: RUF012 (jinja2 declares it a plain class attribute)
 
     def parse(self, parser: jinja2.parser.Parser) -> jinja2.nodes.Node:
         lineno = next(parser.stream).lineno
@@ -98,7 +99,9 @@ def _tojson(
     separators: tuple[str, str] | None = None,
     sort_keys: bool = False,
 ) -> str:
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    return json.dumps(
+        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
 
 
 def _strftime_now(fmt: str) -> str:
@@ -191,6 +194,7 @@ class ChatTemplateRenderer:
     def __init__(self) -> None:
         self._env = make_environment()
         self._compiled: dict[str, jinja2.Template] = {}
+        self._lock = threading.Lock()
 
     def compile(self, source: str) -> jinja2.Template:
         """Compile (cached); a syntax error raises :class:`InvalidRequestError`."""
@@ -200,9 +204,10 @@ class ChatTemplateRenderer:
                 template = self._env.from_string(source)
             except jinja2.TemplateError as exc:
                 raise InvalidRequestError(f"chat template error: {exc}") from exc
-            if len(self._compiled) >= 16:
-                self._compiled.pop(next(iter(self._compiled)))
-            self._compiled[source] = template
+            with self._lock:  # bounded: per-request templates must not grow it without limit
+                while len(self._compiled) >= 16:
+                    self._compiled.pop(next(iter(self._compiled)))
+                self._compiled[source] = template
         return template
 
     def render(

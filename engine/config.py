@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from pdserve.errors import ConfigError
 
-DEFAULT_KV_CACHE_GB = 1.0
+DEFAULT_KV_CACHE_GB = 0.25
 _GIB = 1 << 30
 
 

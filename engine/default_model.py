@@ -102,7 +102,8 @@ def validate_config(cfg: Mapping[str, Any], tokenizer_vocab: int) -> None:
             "intermediate_size", "moe_intermediate_size", "n_routed_experts", "num_experts_per_tok",
             "n_group", "topk_group", "vocab_size", "max_position_embeddings")
     for key in ints:
-        need(isinstance(cfg.get(key), int) and cfg[key] > 0, f"{key} must be a positive int, got {cfg.get(key)!r}")
+        value = cfg.get(key)
+        need(isinstance(value, int) and value > 0, f"{key} must be a positive int, got {value!r}")
     need(cfg["num_attention_heads"] % cfg["num_key_value_heads"] == 0,
          "num_attention_heads must be a multiple of num_key_value_heads")
     need(cfg["n_routed_experts"] % cfg["n_group"] == 0, "n_routed_experts must be a multiple of n_group")
@@ -111,7 +112,8 @@ def validate_config(cfg: Mapping[str, Any], tokenizer_vocab: int) -> None:
     need(cfg["num_experts_per_tok"] <= per_group * cfg["topk_group"],
          "num_experts_per_tok exceeds the experts in the selected groups")
     need(0 <= cfg["first_k_dense_replace"] <= cfg["num_hidden_layers"], "first_k_dense_replace out of range")
-    need(cfg["vocab_size"] >= tokenizer_vocab, f"vocab_size must cover the tokenizer's {tokenizer_vocab} tokens")
+    need(cfg["vocab_size"] >= tokenizer_vocab,
+         f"vocab_size must cover the tokenizer's {tokenizer_vocab} tokens")
     need(cfg.get("architectures") == ["Glm4MoeForCausalLM"] and cfg.get("model_type") == "glm4_moe",
          "the default model must be Glm4MoeForCausalLM / glm4_moe")
 
@@ -141,7 +143,9 @@ def _tokenizer_config(template: str) -> dict[str, Any]:
     }
 
 
-def init_model(out_dir: str | os.PathLike[str], seed: int = 0, *, config_overrides: Mapping[str, Any] | None = None) -> Path:
+def init_model(
+    out_dir: str | os.PathLike[str], seed: int = 0, *, config_overrides: Mapping[str, Any] | None = None
+) -> Path:
     """Write the tiny checkpoint into ``out_dir`` (created if needed; files are overwritten)."""
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")

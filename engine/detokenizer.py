@@ -111,14 +111,27 @@ class IncrementalDetokenizer:
         self._ids.extend(ids)
         decode = self._tokenizer.decode
         prefix_text = decode(self._ids[self._prefix : self._read]) if self._read > self._prefix else ""
-        new_text = decode(self._ids[self._prefix :])
-        held = len(self._ids) - self._read
+        end = len(self._ids)
+        new_text = decode(self._ids[self._prefix : end])
+        if new_text.endswith(_REPLACEMENT) and not flush:
+            # An unfinished multi-byte character at the end: emit up to the longest clean cut and
+            # hold its trailing tokens; past max_hold tokens the bytes are invalid, not unfinished.
+            clean: tuple[int, str] | None = None
+            for cut in range(end - 1, self._read, -1):
+                if end - cut > self._max_hold:
+                    break
+                text = decode(self._ids[self._prefix : cut])
+                if not text.endswith(_REPLACEMENT):
+                    clean = (cut, text)
+                    break
+            if clean is not None:
+                end, new_text = clean
+            elif end - self._read <= self._max_hold:
+                return ""
         if len(new_text) <= len(prefix_text) and not flush:
             return ""
-        if new_text.endswith(_REPLACEMENT) and held <= self._max_hold and not flush:
-            return ""  # an unfinished multi-byte character: wait for its remaining bytes
         delta = new_text[len(prefix_text) :]
-        self._prefix, self._read = self._read, len(self._ids)
+        self._prefix, self._read = self._read, end
         if self._prefix > 64:  # keep the window small: drop ids that no longer matter
             del self._ids[: self._prefix]
             self._read -= self._prefix

@@ -36,19 +36,16 @@ def rope_cos_sin(
     return emb.cos().to(dtype)[:, None, :], emb.sin().to(dtype)[:, None, :]
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def apply_rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """Rotate, in place, the leading ``cos.shape[-1]`` dims of ``x [tokens, heads, head_dim]``.
 
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the leading ``cos.shape[-1]`` dims of ``x`` (``[tokens, heads, head_dim]``)."""
+    Same arithmetic as HF's ``x_rot * cos + rotate_half(x_rot) * sin`` (NeoX halves); the pass-
+    through dims are simply left untouched instead of being re-concatenated."""
     rotary_dim = cos.shape[-1]
-    if rotary_dim == x.shape[-1]:
-        return (x * cos) + (_rotate_half(x) * sin)
-    x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
-    x_rot = (x_rot * cos) + (_rotate_half(x_rot) * sin)
-    return torch.cat((x_rot, x_pass), dim=-1)
+    half = rotary_dim // 2
+    x_rot = x[..., :rotary_dim]
+    rotated = torch.cat((-x[..., half:rotary_dim], x[..., :half]), dim=-1)
+    x_rot.copy_(x_rot * cos + rotated * sin)
 
 
 def swiglu_mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:

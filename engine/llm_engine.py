@@ -323,12 +323,13 @@ class LLMEngine:
             )
         seq = self._new_sequence(request_id, prompt, params, self._clip_max_tokens(len(prompt), params))
         del self._reserved[request_id]
-        seq.token_ids.append(first_token)
-        seq.num_computed_tokens = len(prompt)
+        n = len(prompt)
+        seq.token_ids.append(first_token)  # seq.token_ids is `prompt` itself: n is taken first
+        seq.num_computed_tokens = n
         seq.num_cached_tokens = max(0, num_cached_tokens)
         seq.block_table = self.block_manager.table(request_id)
-        self.block_manager.register_blocks(prompt, seq.block_table)
-        seq.num_registered_blocks = len(prompt) // self.block_size
+        self.block_manager.register_blocks(seq.token_ids[:n], seq.block_table)
+        seq.num_registered_blocks = n // self.block_size
         self.sampler.skip(params, seq.generator, self.vocab_size)
         proc = self._processor(seq)
         lp = (

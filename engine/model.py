@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from pdserve.engine.attention import AttentionMetadata, paged_attention, write_kv
-from pdserve.engine.layers import apply_rope, rms_norm, rope_cos_sin, rope_inv_freq, swiglu_mlp
+from pdserve.engine.layers import apply_rope_, rms_norm, rope_cos_sin, rope_inv_freq, swiglu_mlp
 from pdserve.engine.model_config import ModelConfig
 from pdserve.engine.moe import MoEWeights, RouterParams, moe_forward
 
@@ -30,8 +30,7 @@ class AttentionWeights:
     qkv: torch.Tensor  # [(Hq + 2 Hkv) * D, H]: q rows, then k, then v
     qkv_bias: torch.Tensor | None
     o_proj: torch.Tensor  # [H, Hq * D]
-    q_norm: torch.Tensor | None  # [D]
-    k_norm: torch.Tensor | None
+    qk_norm: torch.Tensor | None  # [Hq + Hkv, D]: q_norm's weight on every q head, then k_norm's
 
 
 @dataclass
@@ -113,6 +112,8 @@ class Glm4MoeModel:
             hidden = residual + x
             if idx == last:
                 hidden = hidden.index_select(0, logit_rows)
+                if hidden.shape[0] == 0:  # no logits wanted: every layer's K/V is written
+                    break
             residual = hidden
             x = rms_norm(hidden, layer.post_attention_norm, cfg.rms_norm_eps)
             x = self._mlp(x, layer.mlp)
@@ -136,16 +137,14 @@ class Glm4MoeModel:
     ) -> torch.Tensor:
         cfg = self.config
         num_tokens = x.shape[0]
-        qkv = F.linear(x, w.qkv, w.qkv_bias)
-        q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
-        q = q.view(num_tokens, cfg.num_attention_heads, cfg.head_dim)
-        k = k.view(num_tokens, cfg.num_key_value_heads, cfg.head_dim)
-        v = v.view(num_tokens, cfg.num_key_value_heads, cfg.head_dim)
-        if w.q_norm is not None and w.k_norm is not None:
-            q = rms_norm(q, w.q_norm, cfg.rms_norm_eps)
-            k = rms_norm(k, w.k_norm, cfg.rms_norm_eps)
-        q = apply_rope(q, cos, sin)
-        k = apply_rope(k, cos, sin)
+        heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        qkv = F.linear(x, w.qkv, w.qkv_bias).view(num_tokens, heads + 2 * kv_heads, cfg.head_dim)
+        # q and k heads are adjacent: one QK-norm and one RoPE call cover both
+        qk = qkv[:, : heads + kv_heads]
+        if w.qk_norm is not None:
+            qk = rms_norm(qk, w.qk_norm, cfg.rms_norm_eps)
+        apply_rope_(qk, cos, sin)
+        q, k, v = qk[:, :heads], qk[:, heads:], qkv[:, heads + kv_heads :]
         write_kv(kv_layer, k, v, meta.slots)
         if on_layer_done is not None:
             if kv_layer.is_cuda:

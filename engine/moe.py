@@ -75,6 +75,8 @@ def experts_forward(
 ) -> torch.Tensor:
     """Weighted sum over each token's chosen experts, ``[T, H]`` in ``x.dtype``."""
     top_k = topk_ids.shape[1]
+    if topk_ids.shape[0] == 0:
+        return torch.zeros_like(x)
     num_experts = w.gate_up.shape[0]
     flat_ids = topk_ids.reshape(-1)
     order = torch.argsort(flat_ids, stable=True)

@@ -34,7 +34,10 @@ BIAS_STD = 0.02
 NORM_JITTER = 0.1
 
 
-def _layer_specs(cfg: Mapping[str, Any], prefix: str, layer: int) -> Iterator[tuple[str, tuple[int, ...], str]]:
+Spec = tuple[str, tuple[int, ...], str]
+
+
+def _layer_specs(cfg: Mapping[str, Any], prefix: str, layer: int) -> Iterator[Spec]:
     hidden = int(cfg["hidden_size"])
     head_dim = int(cfg.get("head_dim") or hidden // int(cfg["num_attention_heads"]))
     q_out = int(cfg["num_attention_heads"]) * head_dim
@@ -64,13 +67,13 @@ def _layer_specs(cfg: Mapping[str, Any], prefix: str, layer: int) -> Iterator[tu
         yield from _mlp_specs(f"{prefix}.mlp.shared_experts", hidden, moe_inter * shared)
 
 
-def _mlp_specs(prefix: str, hidden: int, inter: int) -> Iterator[tuple[str, tuple[int, ...], str]]:
+def _mlp_specs(prefix: str, hidden: int, inter: int) -> Iterator[Spec]:
     yield f"{prefix}.gate_proj.weight", (inter, hidden), "linear"
     yield f"{prefix}.up_proj.weight", (inter, hidden), "linear"
     yield f"{prefix}.down_proj.weight", (hidden, inter), "linear"
 
 
-def weight_specs(cfg: Mapping[str, Any]) -> Iterator[tuple[str, tuple[int, ...], str]]:
+def weight_specs(cfg: Mapping[str, Any]) -> Iterator[Spec]:
     """``(name, shape, kind)`` of every checkpoint tensor, in generation order. ``kind`` is one
     of embed, linear, bias, norm, router, lm_head, or ``copy:<name>`` (a copy of an earlier one)."""
     hidden = int(cfg["hidden_size"])

@@ -46,7 +46,9 @@ NAMED_SPECIAL_TOKENS = (
 
 def byte_level_char_map() -> dict[str, int]:
     """GPT-2 byte-level alphabet: the printable character standing for each byte -> the byte."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)
+    ]
     chars: dict[str, int] = {chr(b): b for b in printable}
     extra = 0
     for b in range(256):
@@ -64,6 +66,10 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ModelLoadError(f"{path} must hold a JSON object")
     return data
+
+
+def _read_json_if_present(path: Path) -> dict[str, Any]:
+    return _read_json(path) if path.is_file() else {}
 
 
 def _token_content(value: Any) -> str | None:
@@ -142,7 +148,9 @@ class Tokenizer:
             try:
                 self._renderer.compile(source)
             except InvalidRequestError as exc:
-                raise ModelLoadError(f"{name or 'tokenizer'}: chat template {template_name!r}: {exc}") from exc
+                raise ModelLoadError(
+                    f"{name or 'tokenizer'}: chat template {template_name!r}: {exc}"
+                ) from exc
         eos: list[int] = []
         candidates = [*eos_token_ids, self._id_of(self.special_tokens.get("eos_token"))]
         candidates += [self._id_of(tok) for tok in GLM_STOP_TOKENS]
@@ -168,8 +176,8 @@ class Tokenizer:
             backend = tokenizers.Tokenizer.from_file(str(tok_file))
         except Exception as exc:  # the Rust side raises plain Exception subclasses
             raise ModelLoadError(f"cannot load {tok_file}: {exc}") from exc
-        config = _read_json(root / "tokenizer_config.json") if (root / "tokenizer_config.json").is_file() else {}
-        legacy = _read_json(root / "special_tokens_map.json") if (root / "special_tokens_map.json").is_file() else {}
+        config = _read_json_if_present(root / "tokenizer_config.json")
+        legacy = _read_json_if_present(root / "special_tokens_map.json")
         special: dict[str, str] = {}
         for key in NAMED_SPECIAL_TOKENS:
             content = _token_content(config.get(key))
@@ -284,12 +292,16 @@ class Tokenizer:
         chat_template: str | None = None,
         continue_final_message: bool = False,
         parse_tool_arguments: bool = True,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
         **template_kwargs: Any,
     ) -> str:
-        """The prompt text. ``template_kwargs`` (``enable_thinking``, ``clear_thinking``, ...) are
-        template variables. Tool-call ``arguments`` given as JSON strings are parsed to objects
-        first unless ``parse_tool_arguments`` is false. Errors raise ``InvalidRequestError``."""
+        """The prompt text. ``template_kwargs`` and ``chat_template_kwargs`` (a request's dict,
+        passed whole so its keys cannot collide with parameters) are template variables such as
+        ``enable_thinking`` / ``clear_thinking``. Tool-call ``arguments`` given as JSON strings are
+        parsed to objects first unless ``parse_tool_arguments`` is false. Errors (including a
+        kwarg named like a reserved template variable) raise ``InvalidRequestError``."""
         source = self.get_chat_template(chat_template, tools)
+        variables = {**dict(chat_template_kwargs or {}), **template_kwargs}
         return self._renderer.render(
             source,
             messages,
@@ -299,7 +311,7 @@ class Tokenizer:
             continue_final_message=continue_final_message,
             special_tokens=self.special_tokens,
             parse_tool_arguments=parse_tool_arguments,
-            template_kwargs=template_kwargs,
+            template_kwargs=variables,
         )
 
     def encode_chat(
@@ -310,4 +322,5 @@ class Tokenizer:
         **template_kwargs: Any,
     ) -> list[int]:
         """``encode(apply_chat_template(...))`` (the template writes every control token)."""
-        return self.encode(self.apply_chat_template(messages, tools, add_generation_prompt, **template_kwargs))
+        text = self.apply_chat_template(messages, tools, add_generation_prompt, **template_kwargs)
+        return self.encode(text)

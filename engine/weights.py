@@ -42,6 +42,7 @@ from pdserve.errors import ModelLoadError
 logger = logging.getLogger(__name__)
 
 _FP32_SUFFIXES = ("mlp.gate.weight", "mlp.gate.e_score_correction_bias")
+_ALIGN = 64  # bytes: PyTorch's CPU allocator alignment
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 _MTP_OPTIONAL = ("shared_head.head.weight", "embed_tokens.weight")
 
@@ -177,7 +178,13 @@ class _Reader:
             raise ModelLoadError(f"cannot read tensor {name!r} from {self._files[name].name}: {exc}") from exc
         if not isinstance(tensor, torch.Tensor):
             raise ModelLoadError(f"tensor {name!r} did not load as a torch tensor")
-        return tensor.to(dtype)
+        tensor = tensor.to(dtype)
+        # safetensors hands out tensors at arbitrary offsets of the file buffer; BLAS kernels take
+        # different (differently rounded) paths for unaligned data, so copy those into an aligned
+        # allocation: the same checkpoint then gives bit-identical results however it is sharded.
+        if tensor.device.type == "cpu" and tensor.data_ptr() % _ALIGN:
+            tensor = tensor.clone()
+        return tensor
 
 
 def load_weights(
@@ -299,8 +306,7 @@ class _Loader:
             qkv=self.cat([a + f"{x}_proj.weight" for x in "qkv"]),
             qkv_bias=bias,
             o_proj=self.get(a + "o_proj.weight"),
-            q_norm=self.get(a + "q_norm.weight") if cfg.use_qk_norm else None,
-            k_norm=self.get(a + "k_norm.weight") if cfg.use_qk_norm else None,
+            qk_norm=self._qk_norm(a) if cfg.use_qk_norm else None,
         )
         mlp: DenseMLPWeights | MoEWeights
         if cfg.is_moe_layer(idx):
@@ -316,6 +322,13 @@ class _Loader:
             attn=attn,
             mlp=mlp,
         )
+
+    def _qk_norm(self, a: str) -> torch.Tensor:
+        """q_norm / k_norm weights laid out per head ``[Hq + Hkv, D]`` for one joint RMSNorm."""
+        cfg = self.cfg
+        q_norm, k_norm = self.get(a + "q_norm.weight"), self.get(a + "k_norm.weight")
+        heads, kv_heads, dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        return torch.cat((q_norm.expand(heads, dim), k_norm.expand(kv_heads, dim)), dim=0)
 
     def _moe(self, p: str) -> MoEWeights:
         cfg = self.cfg

@@ -30,29 +30,40 @@ class TransferMetrics:
         self.side = side
         self.transport = transport
         info = Gauge(
-            "pdserve:kv_transfer_info", "The transport this service runs (always 1)",
-            ["side", "transport"], registry=registry,
+            "pdserve:kv_transfer_info",
+            "The transport this service runs (always 1)",
+            ["side", "transport"],
+            registry=registry,
         )
         info.labels(side, transport).set(1)
         self._bytes = Counter(
             "pdserve:kv_transfer_bytes", "KV bytes moved", ["side", "transport"], registry=registry
         ).labels(side, transport)
         self._duration = Histogram(
-            "pdserve:kv_transfer_duration_seconds", "Per-room transfer time, first page to verified",
-            ["side", "transport"], buckets=_BUCKETS, registry=registry,
+            "pdserve:kv_transfer_duration_seconds",
+            "Per-room transfer time, first page to verified",
+            ["side", "transport"],
+            buckets=_BUCKETS,
+            registry=registry,
         ).labels(side, transport)
         self._failures = Counter(
-            "pdserve:kv_transfer_failures", "Failed rooms", ["side", "transport", "phase", "reason"],
+            "pdserve:kv_transfer_failures",
+            "Failed rooms",
+            ["side", "transport", "phase", "reason"],
             registry=registry,
         )
         rooms = Gauge("pdserve:kv_transfer_rooms", "Rooms by state", ["side", "state"], registry=registry)
         self._rooms = {state: rooms.labels(side, state.name) for state in KVPoll}
         self._pages = Gauge(
-            "pdserve:kv_transfer_pages_held", "KV pages referenced by unfinished rooms", ["side"],
+            "pdserve:kv_transfer_pages_held",
+            "KV pages referenced by unfinished rooms",
+            ["side"],
             registry=registry,
         ).labels(side)
         self._protocol = Counter(
-            "pdserve:kv_transfer_protocol_errors", "Malformed messages or frames dropped", ["side"],
+            "pdserve:kv_transfer_protocol_errors",
+            "Malformed messages or frames dropped",
+            ["side"],
             registry=registry,
         ).labels(side)
 

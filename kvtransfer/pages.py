@@ -47,7 +47,9 @@ def as_block_array(
     if lo < 0 or hi >= num_blocks:
         raise RoomError(
             f"{what}: block ids must lie in [0, {num_blocks}), got [{lo}, {hi}]",
-            side=side, phase="setup", room=room,
+            side=side,
+            phase="setup",
+            room=room,
         )
     if np.unique(arr).size != arr.size:
         raise RoomError(f"{what}: duplicate block ids", side=side, phase="setup", room=room)
@@ -76,9 +78,7 @@ def joint_runs(src: np.ndarray, dst: np.ndarray) -> list[tuple[int, int]]:
     return [(int(s), int(e - s)) for s, e in zip(starts, ends, strict=True)]
 
 
-def plan_groups(
-    src: np.ndarray, dst: np.ndarray, lo: int, hi: int, max_pages: int
-) -> list[tuple[int, int]]:
+def plan_groups(src: np.ndarray, dst: np.ndarray, lo: int, hi: int, max_pages: int) -> list[tuple[int, int]]:
     """Cut positions ``[lo, hi)`` into ``(start, length)`` groups of at most ``max_pages``.
 
     Joint runs of at least ``max_pages // 2`` positions become their own groups (split at
@@ -119,9 +119,11 @@ class PageStore:
     """A KV pool viewed as pages: ``pages[layer, kind, block]`` is one page of ``page_numel``."""
 
     def __init__(self, layout: KVLayout, storage: torch.Tensor) -> None:
-        if storage.dim() != 6 or tuple(storage.shape[:2]) != (layout.num_layers, 2) or tuple(
-            storage.shape[3:]
-        ) != (layout.block_size, layout.num_kv_heads, layout.head_dim):
+        if (
+            storage.dim() != 6
+            or tuple(storage.shape[:2]) != (layout.num_layers, 2)
+            or tuple(storage.shape[3:]) != (layout.block_size, layout.num_kv_heads, layout.head_dim)
+        ):
             raise ConfigError(
                 f"KV storage shape {tuple(storage.shape)} does not match layout "
                 f"{layout.storage_shape(-1)} (num_blocks free)"
@@ -153,7 +155,7 @@ class PageStore:
         """The same pages as a writable byte view (host pools only)."""
         if self._u8 is None:
             raise ConfigError("byte views exist only for host (CPU) KV pools")
-        return memoryview(self._u8[layer, kind, block : block + n]).cast("B")
+        return self._u8[layer, kind, block : block + n].data.cast("B")
 
     def layer_checksums(self, ids: np.ndarray, layers: Sequence[int] | None = None) -> list[int]:
         """crc32 per layer over ``pages[l, 0, ids]`` then ``pages[l, 1, ids]`` in id order."""
@@ -164,10 +166,10 @@ class PageStore:
             for kind in (0, 1):
                 if self._u8 is not None:
                     for pos, n in runs:
-                        crc = zlib.crc32(self._u8[layer, kind, int(ids[pos]) : int(ids[pos]) + n], crc)
+                        crc = zlib.crc32(self._u8[layer, kind, int(ids[pos]) : int(ids[pos]) + n].data, crc)
                 else:
                     index = torch.from_numpy(ids).to(self.pages.device)
                     host = self.pages[layer, kind].index_select(0, index).cpu().contiguous()
-                    crc = zlib.crc32(host.view(torch.uint8).numpy(), crc)
+                    crc = zlib.crc32(host.view(torch.uint8).numpy().data, crc)
             out.append(crc)
         return out

@@ -170,7 +170,8 @@ def _payload(frames: list[bytes], side: str) -> bytes:
             f"malformed control message ({len(frames)} frames, magic {frames[0][:8]!r})"
             if frames
             else "empty control message",
-            side=side, phase="transfer",
+            side=side,
+            phase="transfer",
         )
     if len(frames[1]) > MAX_CONTROL_BYTES:
         raise ProtocolError("control message too large", side=side, phase="transfer")
@@ -182,7 +183,9 @@ def decode_to_prefill(frames: list[bytes]) -> Register | Ping | Confirm | Abort:
     try:
         return _TO_PREFILL.validate_json(_payload(frames, "prefill"))
     except ValidationError as exc:
-        raise ProtocolError(f"invalid control message: {_brief(exc)}", side="prefill", phase="transfer") from exc
+        raise ProtocolError(
+            f"invalid control message: {_brief(exc)}", side="prefill", phase="transfer"
+        ) from exc
 
 
 def decode_to_decode(frames: list[bytes]) -> Ack | Pong | Begin | NcclPlan | Done | Failed | AbortAck:
@@ -190,7 +193,9 @@ def decode_to_decode(frames: list[bytes]) -> Ack | Pong | Begin | NcclPlan | Don
     try:
         return _TO_DECODE.validate_json(_payload(frames, "decode"))
     except ValidationError as exc:
-        raise ProtocolError(f"invalid control message: {_brief(exc)}", side="decode", phase="transfer") from exc
+        raise ProtocolError(
+            f"invalid control message: {_brief(exc)}", side="decode", phase="transfer"
+        ) from exc
 
 
 def decode_done(payload: bytes) -> Done:

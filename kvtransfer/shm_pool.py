@@ -20,6 +20,7 @@ process is involved (it unlinks attached segments behind the owner's back and wa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import mmap
@@ -56,8 +57,12 @@ class SharedKVPool:
         self.incarnation = incarnation
         self.owner = owner
         self._mm: mmap.mmap | None = mm
-        data = torch.frombuffer(mm, dtype=torch.uint8, offset=HEADER_BYTES, count=self.data_nbytes(layout, num_blocks))
-        self.storage: torch.Tensor | None = data.view(layout.torch_dtype).view(layout.storage_shape(num_blocks))
+        data = torch.frombuffer(
+            mm, dtype=torch.uint8, offset=HEADER_BYTES, count=self.data_nbytes(layout, num_blocks)
+        )
+        self.storage: torch.Tensor | None = data.view(layout.torch_dtype).view(
+            layout.storage_shape(num_blocks)
+        )
 
     @staticmethod
     def data_nbytes(layout: KVLayout, num_blocks: int) -> int:
@@ -89,7 +94,9 @@ class SharedKVPool:
         except OSError as exc:
             os.close(fd)
             path.unlink(missing_ok=True)
-            raise TransportError(f"cannot size/map shm segment {path} ({size} bytes): {exc}", phase="setup") from exc
+            raise TransportError(
+                f"cannot size/map shm segment {path} ({size} bytes): {exc}", phase="setup"
+            ) from exc
         os.close(fd)
         mm[: _HEAD.size] = _HEAD.pack(_MAGIC, os.getpid(), num_blocks, inc.encode(), len(layout_json))
         mm[_HEAD.size : _HEAD.size + len(layout_json)] = layout_json
@@ -109,7 +116,8 @@ class SharedKVPool:
         except OSError as exc:
             raise HandshakeError(
                 f"cannot open shm segment {path} (shm needs both workers on one host): {exc}",
-                side="prefill", phase="bootstrap",
+                side="prefill",
+                phase="bootstrap",
             ) from exc
         try:
             size = os.fstat(fd).st_size
@@ -117,7 +125,9 @@ class SharedKVPool:
                 raise HandshakeError(f"shm segment {path} is truncated", side="prefill", phase="bootstrap")
             mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except OSError as exc:
-            raise HandshakeError(f"cannot map shm segment {path}: {exc}", side="prefill", phase="bootstrap") from exc
+            raise HandshakeError(
+                f"cannot map shm segment {path}: {exc}", side="prefill", phase="bootstrap"
+            ) from exc
         finally:
             os.close(fd)
         try:
@@ -125,12 +135,16 @@ class SharedKVPool:
             if head["incarnation"] != incarnation:
                 raise HandshakeError(
                     f"shm segment {name} belongs to incarnation {head['incarnation']}, not {incarnation}",
-                    side="prefill", phase="bootstrap", reason="peer_restarted",
+                    side="prefill",
+                    phase="bootstrap",
+                    reason="peer_restarted",
                 )
             if head["num_blocks"] != num_blocks or size != HEADER_BYTES + cls.data_nbytes(layout, num_blocks):
                 raise HandshakeError(
                     f"shm segment {name} holds {head['num_blocks']} blocks / {size} bytes, "
-                    f"registered {num_blocks} blocks", side="prefill", phase="bootstrap",
+                    f"registered {num_blocks} blocks",
+                    side="prefill",
+                    phase="bootstrap",
                 )
             seg_layout = KVLayout.from_dict(head["layout"])
             if seg_layout != layout:
@@ -140,7 +154,9 @@ class SharedKVPool:
         except Exception:
             mm.close()
             raise
-        return cls(path=path, mm=mm, layout=layout, num_blocks=num_blocks, incarnation=incarnation, owner=False)
+        return cls(
+            path=path, mm=mm, layout=layout, num_blocks=num_blocks, incarnation=incarnation, owner=False
+        )
 
     def close(self) -> None:
         """Owner: unlink. Everyone: drop this object's mapping (idempotent)."""
@@ -152,11 +168,9 @@ class SharedKVPool:
         self.storage = None
         mm, self._mm = self._mm, None
         if mm is not None:
-            try:
+            # BufferError: a tensor view is still alive (e.g. the engine's); the mapping goes with it
+            with contextlib.suppress(BufferError):
                 mm.close()
-            except BufferError:
-                # A tensor view is still alive (e.g. the engine's); the mapping goes with it.
-                pass
 
     def __enter__(self) -> SharedKVPool:
         return self

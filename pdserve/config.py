@@ -16,26 +16,59 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from pdserve.deploy.config import FleetConfig
+from pdserve.deploy.config import ROLES, FleetConfig
+from pdserve.engine.config import EngineConfig
 from pdserve.errors import ConfigError
+from pdserve.kvtransfer.config import TransferConfig
+from pdserve.router.config import RouterConfig
 
+_PATH_RE = re.compile(r"^[a-z_][a-z0-9_]*(\.[a-z_][a-z0-9_]*)*$")
 ENV_PREFIX = "PDSERVE_"
 ENV_SEP = "__"
 
 
 class PdserveConfig(BaseModel):
-    """The composed config. Sections not given take their defaults."""
+    """The composed config. Sections not given take their defaults: together, 1 prefill + 1 decode
+    worker and the router on 127.0.0.1:8000 serving the tiny default model."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    fleet: FleetConfig = Field(default_factory=FleetConfig)
+    # model_validate({}): the sections' defaults (keeps mypy's view of the constructors honest).
+    engine: EngineConfig = Field(default_factory=lambda: EngineConfig.model_validate({}))
+    kvtransfer: TransferConfig = Field(default_factory=lambda: TransferConfig.model_validate({}))
+    router: RouterConfig = Field(default_factory=lambda: RouterConfig.model_validate({}))
+    fleet: FleetConfig = FleetConfig()
+
+    @property
+    def uses_gpu(self) -> bool:
+        return self.engine.device.startswith("cuda")
+
+    @model_validator(mode="after")
+    def _cross_section(self) -> PdserveConfig:
+        # Messages start with the full field path (see _relocate).
+        for role in ROLES:
+            group = self.fleet.group(role)
+            if group.tp_size > 1 and not self.uses_gpu:
+                raise ValueError(
+                    f"fleet.{role}.tp_size: {group.tp_size} tensor-parallel ranks need GPUs, but "
+                    f"engine.device is {self.engine.device!r} (use engine.device: cuda or tp_size: 1)"
+                )
+            if group.port and group.port == self.router.port:
+                raise ValueError(f"fleet.{role}.port: {group.port} is also router.port")
+        if self.kvtransfer.transport == "nccl" and not self.uses_gpu:
+            raise ValueError(
+                "kvtransfer.transport: 'nccl' needs CUDA workers, "
+                f"but engine.device is {self.engine.device!r}"
+            )
+        return self
 
 
 def section_names() -> tuple[str, ...]:
@@ -141,9 +174,10 @@ def config_error(
     first_path = ""
     for err in exc.errors(include_url=False):
         loc = tuple(str(p) for p in err["loc"])
-        path = ".".join(loc) or "<top level>"
+        loc, text = _relocate(loc, _describe(err, loc))
+        path = ".".join(loc) or "<config>"
         first_path = first_path or path
-        lines.append(f"{path}: {_describe(err, loc)}{_from_env(loc, env_paths)}")
+        lines.append(f"{path}: {text}{_from_env(loc, env_paths)}")
     message = f"invalid config ({source}): " + "; ".join(lines)
     return ConfigError(message, param=first_path, source=source)
 
@@ -165,6 +199,18 @@ def _describe(err: Mapping[str, Any], loc: tuple[str, ...]) -> str:
     if kind != "missing" and "input" in err and not isinstance(err["input"], dict | list):
         msg += f" (got {err['input']!r})"
     return msg
+
+
+def _relocate(loc: tuple[str, ...], text: str) -> tuple[tuple[str, ...], str]:
+    """A validator message may begin with the path of the field it is about, relative to the
+    model that raised it (``"decode.replicas: ..."``); move that path into the location."""
+    head, sep, rest = text.partition(": ")
+    if not sep or not _PATH_RE.match(head):
+        return loc, text
+    parts = tuple(head.split("."))
+    if parts[0] not in _allowed_keys(loc):
+        return loc, text
+    return loc + parts, rest
 
 
 def _from_env(loc: tuple[str, ...], env_paths: Mapping[tuple[str, ...], str]) -> str:

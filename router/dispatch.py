@@ -115,7 +115,8 @@ class Exchange:
 
     @property
     def content_type(self) -> bytes:
-        return self.resp.header(b"content-type") or (b"text/event-stream" if self.stream else b"application/json")
+        default = b"text/event-stream" if self.stream else b"application/json"
+        return self.resp.header(b"content-type") or default
 
     async def next_chunk(self) -> bytes | None:
         """The next streamed bytes; None at the end. Errors here are after commit (no retry)."""
@@ -135,7 +136,10 @@ class Exchange:
         else:
             target.breaker.record_cancelled()
         if not self.resp.released:
-            self.resp.abort()
+            if ok:
+                self._dispatcher._drain_decode(self.resp)
+            else:
+                self.resp.abort()
         target.inflight_requests -= 1
         self._dispatcher._drain_prefill(self._prefill_task)
 
@@ -247,7 +251,8 @@ class Dispatcher:
         task: asyncio.Task[None] | None = None
         if pf is not None:
             want_body = not stream and bool(body.get("return_logprob"))
-            task = asyncio.create_task(self._prefill_leg(pf, path, payload, pair, route.uncached_tokens, want_body))
+            leg = self._prefill_leg(pf, path, payload, pair, route.uncached_tokens, want_body)
+            task = asyncio.create_task(leg)
             self._bg.add(task)
             task.add_done_callback(self._bg.discard)
         resp: UpstreamResponse | None = None
@@ -260,7 +265,8 @@ class Dispatcher:
             if resp.status >= 300:
                 err_body = await resp.read()
                 raise UpstreamStatusError(
-                    f"{target.role} worker {target.url} answered {resp.status}", status=resp.status, body=err_body,
+                    f"{target.role} worker {target.url} answered {resp.status}",
+                    status=resp.status, body=err_body,
                 )
             if stream:
                 first = await resp.next_chunk()
@@ -309,8 +315,9 @@ class Dispatcher:
             await resp.wait_headers()
             data = await resp.read()
             if resp.status >= 300:
-                raise UpstreamStatusError(f"prefill worker {pf.url} answered {resp.status}", status=resp.status,
-                                          body=data)
+                raise UpstreamStatusError(
+                    f"prefill worker {pf.url} answered {resp.status}", status=resp.status, body=data,
+                )
             if want_body:
                 pair.prefill_body = data
             verdict = True
@@ -350,7 +357,8 @@ class Dispatcher:
             dec, pre = orjson.loads(decode_body), orjson.loads(pair.prefill_body)
         except orjson.JSONDecodeError:
             return decode_body
-        pairs = zip(dec, pre, strict=False) if isinstance(dec, list) and isinstance(pre, list) else [(dec, pre)]
+        both_lists = isinstance(dec, list) and isinstance(pre, list)
+        pairs = zip(dec, pre, strict=False) if both_lists else [(dec, pre)]
         for d, p in pairs:
             if isinstance(d, dict) and isinstance(p, dict):
                 dm, pm = d.get("meta_info"), p.get("meta_info")
@@ -359,6 +367,23 @@ class Dispatcher:
                         if pm.get(k):
                             dm[k] = pm[k]
         return orjson.dumps(dec)
+
+    def _drain_decode(self, resp: UpstreamResponse) -> None:
+        """The caller has what it needs (final event seen) but the body has not ended (e.g. the
+        ``[DONE]`` line is still in flight): read it to the end in the background, briefly, so the
+        keep-alive connection goes back to the pool instead of being closed."""
+
+        async def drain() -> None:
+            try:
+                async with asyncio.timeout(1.0):
+                    while await resp.next_chunk() is not None:
+                        pass
+            except (TimeoutError, PdserveError):
+                resp.abort()
+
+        task = asyncio.create_task(drain())
+        self._bg.add(task)
+        task.add_done_callback(self._bg.discard)
 
     def _drain_prefill(self, task: asyncio.Task[None] | None) -> None:
         if task is not None and not task.done():

@@ -6,6 +6,8 @@ reason, and the worker URL for per-worker gauges -- bounded by the fleet size).
 
 from __future__ import annotations
 
+import contextlib
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from pdserve.router.breaker import BreakerState
@@ -74,7 +76,8 @@ class RouterMetrics:
             "pdserve:router_leg_failures_total", "Failed legs", ["leg", "kind"], registry=registry,
         )
         self.cancelled_legs = Counter(
-            "pdserve:router_cancelled_legs_total", "Legs cancelled because the other leg or the client failed",
+            "pdserve:router_cancelled_legs_total",
+            "Legs cancelled because the other leg or the client failed",
             ["leg", "cause"], registry=registry,
         )
         self.breaker_state = Gauge(
@@ -129,10 +132,8 @@ class RouterMetrics:
 
     def worker_removed(self, url: str, role: str) -> None:
         for g in (self.worker_healthy, self.breaker_state, self.worker_inflight, self.worker_queued_tokens):
-            try:
+            with contextlib.suppress(KeyError):
                 g.remove(url, role)
-            except KeyError:
-                pass
 
     def set_worker_counts(self, prefill: int, decode: int, both: int) -> None:
         self.workers.labels("prefill").set(prefill)

@@ -102,7 +102,9 @@ class RoutingPolicy:
         self._rr[role] = i + 1
         return cands[i]
 
-    def choose_prefill(self, cands: list[Worker], key: PromptKey, role: str = "prefill") -> tuple[Worker, int]:
+    def choose_prefill(
+        self, cands: list[Worker], key: PromptKey, role: str = "prefill"
+    ) -> tuple[Worker, int]:
         how = self.cfg.prefill
         if how in ("random", "round_robin"):
             w = self._simple(role, cands, how)

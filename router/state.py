@@ -61,9 +61,12 @@ class RouterState:
         self.policy = RoutingPolicy(cfg.policy, cfg.load, rng=rng)
         self.dispatcher = Dispatcher(cfg, self.workers, self.policy, self.client, self.metrics, rng=rng)
         self.monitor = HealthMonitor(cfg, self.workers, self.client, self.metrics)
+        for spec in cfg.workers:
+            self.workers.add(spec)
         self.tokenizer: Any = tokenizer
         self.model_path: str | None = cfg.model_path
         self.served_model_name: str | None = cfg.served_model_name
+        self.max_model_len: int | None = cfg.max_model_len
         self.inflight = 0
         self._needs_ids = cfg.policy.prefill == "cache_aware" or cfg.policy.local_prefill_threshold > 0
         self._discovery: asyncio.Task[None] | None = None
@@ -103,14 +106,17 @@ class RouterState:
             except PdserveError:
                 continue
             path = info.get("model_path") if isinstance(info, dict) else None
+            if self.max_model_len is None:
+                self.max_model_len = _max_model_len(models, info)
             if self.served_model_name is None:
                 self.served_model_name = _first_model_id(models) or (
                     info.get("served_model_name") if isinstance(info, dict) else None
                 ) or (Path(path).name if isinstance(path, str) else None)
-            if self.tokenizer is None and isinstance(path, str) and os.path.isdir(path):
+            if self.tokenizer is None and isinstance(path, str):
                 try:
-                    self.tokenizer = await asyncio.to_thread(_load_tokenizer, path)
-                    self.model_path = path
+                    self.tokenizer = await asyncio.to_thread(_load_tokenizer_if_dir, path)
+                    if self.tokenizer is not None:
+                        self.model_path = path
                 except PdserveError as exc:
                     logger.warning("cannot load the tokenizer from worker model_path %s: %s", path, exc)
             if self.served_model_name is not None:
@@ -175,7 +181,8 @@ class RouterState:
         ids = req.get("input_ids")
         if ids is not None:
             if not isinstance(ids, list) or not ids:
-                raise InvalidRequestError("input_ids must be a non-empty list of token ids", param="input_ids")
+                raise InvalidRequestError("input_ids must be a non-empty list of token ids",
+                                          param="input_ids")
             if isinstance(ids[0], list):
                 if not all(isinstance(x, list) and x for x in ids):
                     raise InvalidRequestError("batched input_ids must be non-empty lists", param="input_ids")
@@ -187,7 +194,8 @@ class RouterState:
         batch: int | None = None
         if isinstance(text, list):
             if not text or not all(isinstance(t, str) for t in text):
-                raise InvalidRequestError("text must be a string or a non-empty list of strings", param="text")
+                raise InvalidRequestError("text must be a string or a non-empty list of strings",
+                                          param="text")
             batch, text = len(text), text[0]
         if not isinstance(text, str):
             raise InvalidRequestError("one of text or input_ids is required", param="text")
@@ -202,6 +210,24 @@ def _first_model_id(models: Any) -> str | None:
         if isinstance(first, dict) and isinstance(first.get("id"), str):
             return str(first["id"])
     return None
+
+
+def _max_model_len(models: Any, info: Any) -> int | None:
+    candidates: list[Any] = []
+    if isinstance(models, dict) and isinstance(models.get("data"), list) and models["data"]:
+        first = models["data"][0]
+        if isinstance(first, dict):
+            candidates.append(first.get("max_model_len"))
+    if isinstance(info, dict):
+        candidates += [info.get("max_model_len"), info.get("context_length"), info.get("max_context_length")]
+    for c in candidates:
+        if isinstance(c, int) and not isinstance(c, bool) and c > 1:
+            return c
+    return None
+
+
+def _load_tokenizer_if_dir(path: str) -> Any:
+    return _load_tokenizer(path) if os.path.isdir(path) else None
 
 
 def _load_tokenizer(path: str) -> Any:

@@ -22,6 +22,7 @@ Lifecycle of one request:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import time
@@ -57,10 +58,8 @@ class _Conn(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         sock = transport.get_extra_info("socket")
         if sock is not None:
-            try:
+            with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
 
     def data_received(self, data: bytes) -> None:
         resp = self.resp
@@ -209,7 +208,8 @@ class UpstreamResponse:
         idle = time.monotonic() - self.conn.last_activity
         limit = self._client.read_s
         if idle >= limit:
-            w.set_exception(UpstreamTimeoutError(f"no response bytes from {_fmt(self.conn.addr)} in {limit:g}s"))
+            where = _fmt(self.conn.addr)
+            w.set_exception(UpstreamTimeoutError(f"no response bytes from {where} in {limit:g}s"))
         else:
             self._timer = asyncio.get_running_loop().call_later(limit - idle, self._on_timer)
 
@@ -320,7 +320,9 @@ class HttpClient:
                 await loop.create_connection(lambda: conn, addr[0], addr[1])
         except TimeoutError as exc:
             conn.close()
-            raise UpstreamTimeoutError(f"connect to {_fmt(addr)} timed out after {self.connect_s:g}s") from exc
+            raise UpstreamTimeoutError(
+                f"connect to {_fmt(addr)} timed out after {self.connect_s:g}s"
+            ) from exc
         except OSError as exc:
             conn.close()
             raise UpstreamConnectError(f"cannot connect to {_fmt(addr)}: {exc}") from exc
@@ -374,7 +376,9 @@ class HttpClient:
             conn.close()
             raise
 
-    async def request(self, addr: Addr, method: bytes, path: bytes, body: bytes | None = None) -> UpstreamResponse:
+    async def request(
+        self, addr: Addr, method: bytes, path: bytes, body: bytes | None = None
+    ) -> UpstreamResponse:
         resp = await self.start(addr, method, path, body)
         await resp.wait_headers()
         return resp
@@ -388,7 +392,9 @@ class HttpClient:
         except TimeoutError as exc:
             raise UpstreamTimeoutError(f"GET {_fmt(addr)}{path} timed out after {timeout_s:g}s") from exc
         if resp.status >= 300:
-            raise UpstreamStatusError(f"GET {_fmt(addr)}{path} -> {resp.status}", status=resp.status, body=body)
+            raise UpstreamStatusError(
+                f"GET {_fmt(addr)}{path} -> {resp.status}", status=resp.status, body=body
+            )
         if not body:
             return None
         try:

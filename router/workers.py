@@ -142,7 +142,9 @@ class Worker:
 
 
 class WorkerRegistry:
-    """All workers by URL, plus per-role lists kept ready for the routing hot path."""
+    """All workers by URL, plus per-role lists kept ready for the routing hot path.
+
+    Starts empty: the owner adds ``cfg.workers`` once its callbacks are ready."""
 
     def __init__(
         self,
@@ -158,8 +160,6 @@ class WorkerRegistry:
         self.prefill: list[Worker] = []
         self.decode: list[Worker] = []
         self.both: list[Worker] = []
-        for spec in cfg.workers:
-            self.add(spec)
 
     def __len__(self) -> int:
         return len(self._by_url)

@@ -73,8 +73,9 @@ class SendJob:
         return (self.layer_hi - self.layer_lo) * 2 * (self.pos_hi - self.pos_lo)
 
 
-# data-thread -> control channel, e.g. nccl plans that must precede the sends they describe
-PostControl = Callable[[str, NcclPlan], None]
+# data thread -> control channel: (decode_inc, room, (layer_lo, layer_hi), [(pos, n), ...]) — the
+# nccl plan that must reach the decode before the sends it describes can be matched
+PostControl = Callable[[str, int, tuple[int, int], list[tuple[int, int]]], None]
 
 
 class SendBackend(ABC):
@@ -87,6 +88,11 @@ class SendBackend(ABC):
 
     def describe(self) -> dict[str, Any]:
         return {"transport": self.name}
+
+    def capture_ready_event(self) -> Any:
+        """Called on the engine thread by ``on_layer_done``: something the data thread can wait
+        on before reading that layer (nccl: a CUDA event on the current stream). Host pools: None."""
+        return None
 
     def ack_endpoint(self, peer: DecodePeer) -> dict[str, int | str]:
         """Extra fields for the ``ack`` of a registration from ``peer`` (loop thread)."""
@@ -156,9 +162,10 @@ class RecvBackend(ABC):
     def drop_peer(self, prefill_key: str) -> None:
         return None
 
-    def finish(self, room: int, timeout: float) -> None:
-        """Block until this side's own receives for ``room`` have landed (called off-loop)."""
-        return None
+    def finish(self, room: int, timeout: float) -> bool:
+        """Block until this side's own receives for ``room`` have landed (called off-loop);
+        False if they did not within ``timeout``."""
+        return True
 
     @abstractmethod
     def close(self) -> None: ...

@@ -38,7 +38,9 @@ class FakeRecvBackend(RecvBackend):
     name: ClassVar[str] = "fake"
 
     def __init__(self, config: TransferConfig, layout: KVLayout, num_blocks: int, sink: RecvSink) -> None:
-        super().__init__(config, PageStore(layout, allocate_kv_storage(layout, num_blocks, config.device)), sink)
+        super().__init__(
+            config, PageStore(layout, allocate_kv_storage(layout, num_blocks, config.device)), sink
+        )
 
     def endpoint(self) -> dict[str, int | str]:
         return {}

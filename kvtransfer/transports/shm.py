@@ -20,7 +20,14 @@ from pdserve.kvtransfer.config import TransferConfig
 from pdserve.kvtransfer.errors import HandshakeError, TransportError
 from pdserve.kvtransfer.pages import PageStore, joint_runs
 from pdserve.kvtransfer.shm_pool import SharedKVPool
-from pdserve.kvtransfer.transports.base import DecodePeer, PostControl, RecvBackend, RecvSink, SendBackend, SendJob
+from pdserve.kvtransfer.transports.base import (
+    DecodePeer,
+    PostControl,
+    RecvBackend,
+    RecvSink,
+    SendBackend,
+    SendJob,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -43,9 +50,14 @@ class ShmSendBackend(SendBackend):
         ep = peer.endpoint
         segment, num_blocks = ep.get("segment"), ep.get("num_blocks")
         if not isinstance(segment, str) or not isinstance(num_blocks, int):
-            raise HandshakeError("shm registration lacks segment/num_blocks", side="prefill", phase="bootstrap")
+            raise HandshakeError(
+                "shm registration lacks segment/num_blocks", side="prefill", phase="bootstrap"
+            )
         pool = SharedKVPool.attach(
-            segment, layout=self.store.layout, num_blocks=num_blocks, incarnation=peer.decode_inc,
+            segment,
+            layout=self.store.layout,
+            num_blocks=num_blocks,
+            incarnation=peer.decode_inc,
             shm_dir=self.config.shm_dir,
         )
         if pool.storage is None:  # pragma: no cover - attach always maps
@@ -56,7 +68,9 @@ class ShmSendBackend(SendBackend):
     def send_pages(self, job: SendJob) -> int:
         entry = self._peers.get(job.decode_inc)
         if entry is None:
-            raise TransportError("no mapped segment for this decode", side="prefill", phase="transfer", room=job.room)
+            raise TransportError(
+                "no mapped segment for this decode", side="prefill", phase="transfer", room=job.room
+            )
         dst = entry[1].pages[job.layer_lo : job.layer_hi]
         src = self.store.pages[job.layer_lo : job.layer_hi]
         moved = 0

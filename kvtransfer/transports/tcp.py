@@ -41,7 +41,14 @@ from pdserve.kvtransfer.protocol import (
     pack_data_header,
     unpack_data_header,
 )
-from pdserve.kvtransfer.transports.base import DecodePeer, PostControl, RecvBackend, RecvSink, SendBackend, SendJob
+from pdserve.kvtransfer.transports.base import (
+    DecodePeer,
+    PostControl,
+    RecvBackend,
+    RecvSink,
+    SendBackend,
+    SendJob,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +76,9 @@ class TcpSendBackend(SendBackend):
             return
         addr = peer.endpoint.get("data_addr")
         if not isinstance(addr, str) or not addr.startswith("tcp://"):
-            raise HandshakeError("tcp registration lacks a tcp:// data_addr", side="prefill", phase="bootstrap")
+            raise HandshakeError(
+                "tcp registration lacks a tcp:// data_addr", side="prefill", phase="bootstrap"
+            )
         sock: zmq.Socket[bytes] = self._ctx.socket(zmq.PUSH)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, self.config.tcp_hwm)
@@ -78,12 +87,20 @@ class TcpSendBackend(SendBackend):
             sock.connect(addr)
         except zmq.ZMQError as exc:
             sock.close(linger=0)
-            raise HandshakeError(f"bad data address {addr!r}: {exc}", side="prefill", phase="bootstrap") from exc
+            raise HandshakeError(
+                f"bad data address {addr!r}: {exc}", side="prefill", phase="bootstrap"
+            ) from exc
         self._socks[peer.decode_inc] = sock
         logger.info("tcp data connection to decode %s at %s", peer.decode_addr, addr)
 
-    def _send(self, sock: zmq.Socket[bytes], frames: list[Any], job_room: int, cancel: threading.Event,
-              deadline: float) -> None:
+    def _send(
+        self,
+        sock: zmq.Socket[bytes],
+        frames: list[Any],
+        job_room: int,
+        cancel: threading.Event,
+        deadline: float,
+    ) -> None:
         while True:
             try:
                 sock.send_multipart(frames, copy=False)
@@ -93,7 +110,10 @@ class TcpSendBackend(SendBackend):
                     raise _Cancelled from None
                 if time.monotonic() > deadline:
                     raise TransferTimeoutError(
-                        "decode is not draining the data socket", side="prefill", phase="transfer", room=job_room
+                        "decode is not draining the data socket",
+                        side="prefill",
+                        phase="transfer",
+                        room=job_room,
                     ) from None
 
     def send_pages(self, job: SendJob) -> int:
@@ -129,7 +149,9 @@ class TcpSendBackend(SendBackend):
             raise TransferError("no data connection to this decode", side="prefill", room=done.room)
         header = pack_data_header(DATA_KIND_DONE, done.room, decode_inc, 0, 0, 0)
         try:
-            self._send(sock, [header, done.model_dump_json().encode()], done.room, threading.Event(), deadline)
+            self._send(
+                sock, [header, done.model_dump_json().encode()], done.room, threading.Event(), deadline
+            )
         except _Cancelled:  # pragma: no cover - the private event is never set
             return True
         return True
@@ -293,7 +315,7 @@ class TcpRecvBackend(RecvBackend):
                 got = self._sock.recv_into(self.store.run_bytes(layer, kind, int(ids[0]), n))
             else:
                 stage = self._staging[:n]
-                got = self._sock.recv_into(stage.view(torch.uint8).numpy().reshape(-1))
+                got = self._sock.recv_into(stage.view(torch.uint8).numpy().reshape(-1).data)
                 if got == expected:
                     self.store.pages[layer, kind].index_copy_(0, torch.from_numpy(ids), stage)
             if got != expected:
@@ -316,5 +338,7 @@ class TcpRecvBackend(RecvBackend):
         got = slot.received[:, :, : done.num_pages]
         if not got.all() or slot.received[:, :, done.num_pages :].any():
             missing = int(got.size - got.sum())
-            raise self._bad(room, f"done but {missing} of {got.size} pages never arrived (truncated transfer)")
+            raise self._bad(
+                room, f"done but {missing} of {got.size} pages never arrived (truncated transfer)"
+            )
         return done

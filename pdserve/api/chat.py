@@ -59,8 +59,9 @@ def to_template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
                         "type": "function",
                         "function": {
                             "name": tc.function.name,
-                            "arguments": _arguments_dict(tc.function.arguments,
-                                                         f"messages[{i}].tool_calls[{j}].function.arguments"),
+                            "arguments": _arguments_dict(
+                                tc.function.arguments, f"messages[{i}].tool_calls[{j}].function.arguments"
+                            ),
                         },
                     }
                     for j, tc in enumerate(m.tool_calls)
@@ -119,15 +120,18 @@ class ChatRenderer:
             if not tools:
                 raise InvalidRequestError("tool_choice requires a non-empty tools list", param="tool_choice")
             if self._format is None:
-                raise InvalidRequestError("this server has no tool-call parser; tool_choice must be "
-                                          "'auto' or 'none'", param="tool_choice")
+                raise InvalidRequestError(
+                    "this server has no tool-call parser; tool_choice must be 'auto' or 'none'",
+                    param="tool_choice",
+                )
 
         toolset = EMPTY_TOOLSET
         if tools and choice != "none":
             toolset = self._validator.validate(tools)
         if forced_name is not None and forced_name not in toolset:
-            raise InvalidRequestError(f"tool_choice names function {forced_name!r}, which is not in tools",
-                                      param="tool_choice")
+            raise InvalidRequestError(
+                f"tool_choice names function {forced_name!r}, which is not in tools", param="tool_choice"
+            )
 
         kwargs: dict[str, Any] = dict(req.chat_template_kwargs or {})
         if forced is not None:
@@ -138,13 +142,19 @@ class ChatRenderer:
                 messages, tools=toolset.template_tools() or None, add_generation_prompt=True, **kwargs
             )
         except jinja2.TemplateError as exc:
-            raise InvalidRequestError(f"chat template failed on these messages: {exc}",
-                                      param="messages") from exc
+            raise InvalidRequestError(
+                f"chat template failed on these messages: {exc}", param="messages"
+            ) from exc
 
         reasoning_start = start_state_for_prompt(text, self._assistant_marker)
-        prompt = ChatPrompt(text=text, ids=[], toolset=toolset, parallel_tool_calls=req.parallel_tool_calls,
-                            parse_tools=self._format is not None and bool(toolset.tools),
-                            reasoning_start=reasoning_start)
+        prompt = ChatPrompt(
+            text=text,
+            ids=[],
+            toolset=toolset,
+            parallel_tool_calls=req.parallel_tool_calls,
+            parse_tools=self._format is not None and bool(toolset.tools),
+            reasoning_start=reasoning_start,
+        )
         if forced is not None and self._format is not None:
             if reasoning_start == "reasoning":
                 prompt.text += THINK_END  # a template that ignores enable_thinking left it open
@@ -165,8 +175,12 @@ class ChatOutputProcessor:
     def __init__(self, prompt: ChatPrompt, reasoning_cls: type[Glm45ReasoningParser] | None) -> None:
         self._reasoning = reasoning_cls(prompt.reasoning_start) if reasoning_cls is not None else None
         self._tools = (
-            ToolCallParser(prompt.toolset, start=prompt.tool_start, forced_name=prompt.forced_name,
-                           parallel_tool_calls=prompt.parallel_tool_calls)
+            ToolCallParser(
+                prompt.toolset,
+                start=prompt.tool_start,
+                forced_name=prompt.forced_name,
+                parallel_tool_calls=prompt.parallel_tool_calls,
+            )
             if prompt.parse_tools
             else None
         )

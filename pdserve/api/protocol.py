@@ -141,17 +141,21 @@ class _SamplingFields(BaseModel):
 
     def _check_common(self) -> None:
         if self.n != 1:
-            raise InvalidRequestError(f"n must be 1: only one choice per request is supported, got {self.n}",
-                                      param="n")
+            raise InvalidRequestError(
+                f"n must be 1: only one choice per request is supported, got {self.n}", param="n"
+            )
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(self, name) != 0.0:
                 raise InvalidRequestError(f"{name} is not supported (must be 0)", param=name)
         if self.stream_options is not None and not self.stream:
-            raise InvalidRequestError("stream_options is only allowed when stream is true",
-                                      param="stream_options")
+            raise InvalidRequestError(
+                "stream_options is only allowed when stream is true", param="stream_options"
+            )
         stops = self.stop_list()
         if len(stops) > MAX_STOP_SEQUENCES:
-            raise InvalidRequestError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed", param="stop")
+            raise InvalidRequestError(
+                f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed", param="stop"
+            )
         if any(not s for s in stops):
             raise InvalidRequestError("stop sequences must be non-empty strings", param="stop")
         if self.seed is not None and self.seed < 0:
@@ -193,8 +197,9 @@ class ChatCompletionRequest(_SamplingFields):
         for key in ("enable_thinking", "clear_thinking"):
             value = (self.chat_template_kwargs or {}).get(key)
             if value is not None and not isinstance(value, bool):
-                raise InvalidRequestError(f"chat_template_kwargs.{key} must be a boolean",
-                                          param=f"chat_template_kwargs.{key}")
+                raise InvalidRequestError(
+                    f"chat_template_kwargs.{key} must be a boolean", param=f"chat_template_kwargs.{key}"
+                )
         return self
 
     @property
@@ -232,8 +237,9 @@ class CompletionRequest(_SamplingFields):
         if isinstance(self.prompt, list) and not self.prompt:
             raise InvalidRequestError("prompt must not be empty", param="prompt")
         if isinstance(self.prompt, list) and isinstance(self.prompt[0], str | list) and len(self.prompt) > 1:
-            raise InvalidRequestError("batched prompts are not supported: send one prompt per request",
-                                      param="prompt")
+            raise InvalidRequestError(
+                "batched prompts are not supported: send one prompt per request", param="prompt"
+            )
         return self
 
     def single_prompt(self) -> str | list[int]:
@@ -284,17 +290,27 @@ class NativeSamplingParams(_Part):
     @model_validator(mode="after")
     def _check(self) -> NativeSamplingParams:
         neutral: dict[str, Any] = {
-            "n": 1, "frequency_penalty": 0.0, "presence_penalty": 0.0, "repetition_penalty": 1.0,
-            "min_new_tokens": 0, "json_schema": None, "regex": None, "ebnf": None, "structural_tag": None,
+            "n": 1,
+            "frequency_penalty": 0.0,
+            "presence_penalty": 0.0,
+            "repetition_penalty": 1.0,
+            "min_new_tokens": 0,
+            "json_schema": None,
+            "regex": None,
+            "ebnf": None,
+            "structural_tag": None,
             "no_stop_trim": False,
         }
         for name, value in neutral.items():
             if getattr(self, name) != value:
-                raise InvalidRequestError(f"sampling_params.{name} is not supported (must be {value!r})",
-                                          param=f"sampling_params.{name}")
+                raise InvalidRequestError(
+                    f"sampling_params.{name} is not supported (must be {value!r})",
+                    param=f"sampling_params.{name}",
+                )
         if self.logit_bias:
-            raise InvalidRequestError("sampling_params.logit_bias is not supported",
-                                      param="sampling_params.logit_bias")
+            raise InvalidRequestError(
+                "sampling_params.logit_bias is not supported", param="sampling_params.logit_bias"
+            )
         return self
 
     def stop_list(self) -> list[str]:
@@ -329,8 +345,10 @@ class GenerateRequest(BaseModel):
         if (self.text is None) == (self.input_ids is None):
             raise InvalidRequestError("exactly one of text and input_ids must be given", param="text")
         if isinstance(self.text, list) or (self.input_ids and isinstance(self.input_ids[0], list)):
-            raise InvalidRequestError("batched /generate requests are not supported: send one per request",
-                                      param="text" if self.text is not None else "input_ids")
+            raise InvalidRequestError(
+                "batched /generate requests are not supported: send one per request",
+                param="text" if self.text is not None else "input_ids",
+            )
         if self.input_ids is not None and not self.input_ids:
             raise InvalidRequestError("input_ids must not be empty", param="input_ids")
         if self.top_logprobs_num and not self.return_logprob:
@@ -363,19 +381,23 @@ def error_param(loc: tuple[int | str, ...]) -> str:
 
 
 def validation_error_to_invalid(errors: list[Any]) -> InvalidRequestError:
-    """Turn pydantic error dicts into one readable 400 naming the (first) offending field."""
-    parts: list[str] = []
-    first_param: str | None = None
-    for err in errors[:3]:
-        loc = tuple(err.get("loc", ()))
-        param = error_param(loc)
+    """Turn pydantic error dicts into one readable 400 naming the most specific offending field
+    (for a union, the member error that got deepest into the value)."""
+    for err in errors:
         if err.get("type") == "json_invalid":
-            msg = f"malformed JSON body: {err.get('ctx', {}).get('error', err.get('msg', ''))}"
-            return InvalidRequestError(msg, param=None)
-        first_param = first_param or param or None
-        parts.append(f"{param or 'body'}: {err.get('msg', 'invalid value')}")
-    more = f" (and {len(errors) - 3} more errors)" if len(errors) > 3 else ""
-    return InvalidRequestError("; ".join(parts) + more, param=first_param)
+            detail = err.get("ctx", {}).get("error", err.get("msg", ""))
+            return InvalidRequestError(f"malformed JSON body: {detail}", param=None)
+    items = sorted(
+        ((error_param(tuple(err.get("loc", ()))), str(err.get("msg", "invalid value"))) for err in errors),
+        key=lambda item: -item[0].count(".") - item[0].count("["),
+    )
+    parts: list[str] = []
+    for param, msg in items:
+        line = f"{param or 'body'}: {msg}"
+        if line not in parts:
+            parts.append(line)
+    more = f" (and {len(parts) - 3} more errors)" if len(parts) > 3 else ""
+    return InvalidRequestError("; ".join(parts[:3]) + more, param=items[0][0] or None if items else None)
 
 
 def parse_request(raw: bytes, model: type[M]) -> M:

@@ -87,7 +87,7 @@ class Glm45ReasoningParser:
                 return "", ""
             if stripped.startswith(THINK_START):
                 state = _REASONING
-                buf = stripped[len(THINK_START):]
+                buf = stripped[len(THINK_START) :]
             else:
                 state = _CONTENT_START
                 buf = stripped
@@ -97,11 +97,11 @@ class Glm45ReasoningParser:
                 keep = held_suffix_len(buf, (THINK_END,))
                 body = buf[: len(buf) - keep].rstrip()
                 reasoning = self._reasoning_text(body)
-                self._buf = buf[len(body):]
+                self._buf = buf[len(body) :]
                 self._state = _REASONING
                 return reasoning, ""
             reasoning = self._reasoning_text(buf[:end].rstrip())
-            buf = buf[end + len(THINK_END):]
+            buf = buf[end + len(THINK_END) :]
             state = _CONTENT_START
         # _CONTENT_START: drop leading whitespace of the answer.
         content = buf.lstrip()

@@ -1,4 +1,5 @@
-"""OpenAI serving on top of a :class:`GenerateBackend`: chat, completions, models.
+"""OpenAI serving on top of a :class:`GenerateBackend`: ``/v1/chat/completions``,
+``/v1/completions`` and ``/v1/models``.
 
 Request lifecycle (chat; completions are the same without templating and parsing):
 
@@ -11,80 +12,37 @@ Request lifecycle (chat; completions are the same without templating and parsing
    logprobs), a final chunk with ``finish_reason``, a usage chunk with ``include_usage``, then
    ``data: [DONE]``. Errors after the first byte become an error event before ``[DONE]``.
 4. Non-streaming: collect all deltas, parse reasoning and tool calls once, answer one JSON body.
-5. Every wait on the backend has a timeout; on any exit other than normal completion the context is
-   cancelled and the backend iterator closed (its ``finally`` frees what it holds).
+5. Waits, cancellation and cleanup follow :mod:`pdserve.api.serving_base`.
+
+The hot path builds plain dicts and serialises them with orjson; no pydantic model is constructed
+per token.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
-import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
-from pdserve.api.backend import BootstrapInfo, ChatTokenizer, GenerateBackend, RequestContext
+from pdserve.api.backend import ChatTokenizer, GenerateBackend, RequestContext
 from pdserve.api.chat import ChatOutputProcessor, ChatPrompt, ChatRenderer
 from pdserve.api.logprobs import CompletionLogprobsBuilder, TokenTexts, chat_logprobs
 from pdserve.api.protocol import ChatCompletionRequest, CompletionRequest
 from pdserve.api.reasoning import Glm45ReasoningParser, get_reasoning_parser
+from pdserve.api.serving_base import INTERNAL_ERROR_BODY, ServingBase, UsageCounter
 from pdserve.api.sse import SSE_DONE, sse_event
 from pdserve.api.tool_parsers import get_tool_format, merge_tool_call_deltas
 from pdserve.api.tools import ToolValidator
 from pdserve.engine.outputs import RequestOutput
-from pdserve.engine.sampling_params import SamplingParams
-from pdserve.errors import (
-    AbortedError,
-    ContextLengthError,
-    InvalidRequestError,
-    ModelNotFoundError,
-    PdserveError,
-    RequestTimeoutError,
-    WorkerError,
-)
+from pdserve.errors import InvalidRequestError, PdserveError
 
 logger = logging.getLogger(__name__)
 
-_INTERNAL_ERROR = {"error": {"message": "internal server error", "type": "internal_error", "param": None,
-                             "code": 500}}
+ReasoningCls = type[Glm45ReasoningParser] | None
 
 
-class UsageCounter:
-    """Token counts over a request's deltas (robust to per-delta or cumulative output counts)."""
-
-    __slots__ = ("cached", "max_output", "prompt", "summed")
-
-    def __init__(self, prompt_tokens: int) -> None:
-        self.prompt = prompt_tokens
-        self.summed = 0
-        self.max_output = 0
-        self.cached = 0
-
-    def add(self, out: RequestOutput) -> None:
-        self.summed += len(out.new_token_ids)
-        if out.num_output_tokens > self.max_output:
-            self.max_output = out.num_output_tokens
-        if out.num_prompt_tokens > self.prompt:
-            self.prompt = out.num_prompt_tokens
-        if out.num_cached_tokens > self.cached:
-            self.cached = out.num_cached_tokens
-
-    @property
-    def completion(self) -> int:
-        return max(self.summed, self.max_output)
-
-    def to_dict(self) -> dict[str, Any]:
-        completion = self.completion
-        return {
-            "prompt_tokens": self.prompt,
-            "completion_tokens": completion,
-            "total_tokens": self.prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": self.cached},
-        }
-
-
-class OpenAIServing:
+class OpenAIServing(ServingBase):
     """Backend-agnostic OpenAI endpoints. One instance per server; safe for concurrent requests."""
 
     def __init__(
@@ -103,47 +61,42 @@ class OpenAIServing:
         output_timeout_s: float = 60.0,
         request_timeout_s: float | None = None,
         close_timeout_s: float = 5.0,
+        tool_schema_cache_size: int = 1024,
     ) -> None:
-        if model_max_len < 2:
-            raise InvalidRequestError(f"model_max_len must be >= 2, got {model_max_len}", param="model_max_len")
-        self._backend = backend
         self._tokenizer = tokenizer
-        self.model_name = served_model_name
-        self.model_max_len = model_max_len
-        self._reasoning_cls: type[Glm45ReasoningParser] | None = (
+        super().__init__(
+            backend,
+            served_model_name=served_model_name,
+            model_max_len=model_max_len,
+            default_max_tokens=default_max_tokens,
+            sampling_defaults=sampling_defaults,
+            first_output_timeout_s=first_output_timeout_s,
+            output_timeout_s=output_timeout_s,
+            request_timeout_s=request_timeout_s,
+            close_timeout_s=close_timeout_s,
+        )
+        self._reasoning_cls: ReasoningCls = (
             get_reasoning_parser(reasoning_parser) if reasoning_parser else None
         )
         self._renderer = ChatRenderer(
-            tokenizer, tool_format=get_tool_format(tool_parser) if tool_parser else None,
-            tool_validator=ToolValidator(),
+            tokenizer,
+            tool_format=get_tool_format(tool_parser) if tool_parser else None,
+            tool_validator=ToolValidator(tool_schema_cache_size),
         )
-        self._default_max_tokens = default_max_tokens
-        self._defaults = dict(sampling_defaults or {})
-        SamplingParams(**{**self._defaults, "max_tokens": 1})  # fail fast on bad defaults
         self._owned_by = owned_by
-        self._first_timeout = first_output_timeout_s
-        self._output_timeout = output_timeout_s
-        self._request_timeout = request_timeout_s
-        self._close_timeout = close_timeout_s
         self._texts = TokenTexts(tokenizer)
         self._created = int(time.time())
 
-    # ------------------------------------------------------------------------------ models
-
     def models(self) -> dict[str, Any]:
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": self.model_name,
-                    "object": "model",
-                    "created": self._created,
-                    "owned_by": self._owned_by,
-                    "root": self.model_name,
-                    "max_model_len": self.model_max_len,
-                }
-            ],
+        card = {
+            "id": self.model_name,
+            "object": "model",
+            "created": self._created,
+            "owned_by": self._owned_by,
+            "root": self.model_name,
+            "max_model_len": self.model_max_len,
         }
+        return {"object": "list", "data": [card]}
 
     # -------------------------------------------------------------------------------- chat
 
@@ -156,7 +109,15 @@ class OpenAIServing:
         max_tokens = self._max_tokens(req.max_output_tokens, len(prompt.ids), param)
         parsing = prompt.parse_tools or (self._reasoning_cls is not None and req.separate_reasoning)
         skip = req.skip_special_tokens if req.skip_special_tokens is not None else not parsing
-        params = self._sampling_params(req, max_tokens, req.num_logprobs, skip)
+        params = self._sampling_params(
+            _overrides(req),
+            max_tokens=max_tokens,
+            stop=req.stop_list(),
+            stop_token_ids=list(req.stop_token_ids or ()),
+            ignore_eos=req.ignore_eos,
+            logprobs=req.num_logprobs,
+            skip_special_tokens=skip,
+        )
         ctx = self._prepare_ctx(ctx, req, prompt.text)
         response_id = f"chatcmpl-{ctx.request_id}"
         reasoning_cls = self._reasoning_cls if req.separate_reasoning else None
@@ -168,8 +129,13 @@ class OpenAIServing:
         return self._chat_stream(req, prompt, reasoning_cls, response_id, ctx, it, first)
 
     def _chat_response(
-        self, req: ChatCompletionRequest, prompt: ChatPrompt, reasoning_cls: type[Glm45ReasoningParser] | None,
-        response_id: str, outputs: list[RequestOutput], usage: UsageCounter,
+        self,
+        req: ChatCompletionRequest,
+        prompt: ChatPrompt,
+        reasoning_cls: ReasoningCls,
+        response_id: str,
+        outputs: list[RequestOutput],
+        usage: UsageCounter,
     ) -> dict[str, Any]:
         proc = ChatOutputProcessor(prompt, reasoning_cls)
         r1, c1, d1 = proc.feed("".join(o.new_text for o in outputs))
@@ -186,26 +152,50 @@ class OpenAIServing:
             "reasoning_content": reasoning or None,
             "tool_calls": calls or None,
         }
-        choice = {"index": 0, "message": message, "logprobs": logprobs,
-                  "finish_reason": self._finish_reason(last, bool(calls)), "matched_stop": last.matched_stop}
-        return {"id": response_id, "object": "chat.completion", "created": int(time.time()),
-                "model": self.model_name, "choices": [choice], "usage": usage.to_dict()}
+        choice = {
+            "index": 0,
+            "message": message,
+            "logprobs": logprobs,
+            "finish_reason": self._finish_reason(last, bool(calls)),
+            "matched_stop": last.matched_stop,
+        }
+        return {
+            "id": response_id,
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": self.model_name,
+            "choices": [choice],
+            "usage": usage.to_dict(),
+        }
 
     async def _chat_stream(
-        self, req: ChatCompletionRequest, prompt: ChatPrompt, reasoning_cls: type[Glm45ReasoningParser] | None,
-        response_id: str, ctx: RequestContext, it: AsyncIterator[RequestOutput], first: RequestOutput,
+        self,
+        req: ChatCompletionRequest,
+        prompt: ChatPrompt,
+        reasoning_cls: ReasoningCls,
+        response_id: str,
+        ctx: RequestContext,
+        it: AsyncIterator[RequestOutput],
+        first: RequestOutput,
     ) -> AsyncIterator[bytes]:
         proc = ChatOutputProcessor(prompt, reasoning_cls)
         usage = UsageCounter(len(prompt.ids))
         include_usage, want_lp, top_k = req.include_usage, req.logprobs, req.top_logprobs or 0
         created, model = int(time.time()), self.model_name
 
-        def chunk(delta: dict[str, Any], lp: Any = None, finish: str | None = None, matched: Any = None) -> bytes:
+        def chunk(
+            delta: dict[str, Any], lp: Any = None, finish: str | None = None, matched: Any = None
+        ) -> bytes:
             choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish}
             if finish is not None:
                 choice["matched_stop"] = matched
-            obj: dict[str, Any] = {"id": response_id, "object": "chat.completion.chunk", "created": created,
-                                   "model": model, "choices": [choice]}
+            obj: dict[str, Any] = {
+                "id": response_id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model,
+                "choices": [choice],
+            }
             if include_usage:
                 obj["usage"] = None
             return sse_event(obj)
@@ -234,8 +224,16 @@ class OpenAIServing:
                     finish = self._finish_reason(out, proc.has_tool_calls)
                     yield chunk(delta, lp, finish, out.matched_stop)
                     if include_usage:
-                        yield sse_event({"id": response_id, "object": "chat.completion.chunk", "created": created,
-                                         "model": model, "choices": [], "usage": usage.to_dict()})
+                        yield sse_event(
+                            {
+                                "id": response_id,
+                                "object": "chat.completion.chunk",
+                                "created": created,
+                                "model": model,
+                                "choices": [],
+                                "usage": usage.to_dict(),
+                            }
+                        )
                     break
                 if delta or lp is not None:
                     yield chunk(delta, lp)
@@ -247,7 +245,7 @@ class OpenAIServing:
             yield SSE_DONE
         except Exception:
             logger.exception("chat stream %s failed", ctx.request_id)
-            yield sse_event(_INTERNAL_ERROR)
+            yield sse_event(INTERNAL_ERROR_BODY)
             yield SSE_DONE
         finally:
             await self._close(it, ctx, done)
@@ -267,7 +265,15 @@ class OpenAIServing:
             prompt_text, prompt_ids = None, prompt
         max_tokens = self._max_tokens(req.max_tokens, len(prompt_ids), "max_tokens")
         skip = req.skip_special_tokens if req.skip_special_tokens is not None else True
-        params = self._sampling_params(req, max_tokens, req.logprobs, skip)
+        params = self._sampling_params(
+            _overrides(req),
+            max_tokens=max_tokens,
+            stop=req.stop_list(),
+            stop_token_ids=list(req.stop_token_ids or ()),
+            ignore_eos=req.ignore_eos,
+            logprobs=req.logprobs,
+            skip_special_tokens=skip,
+        )
         ctx = self._prepare_ctx(ctx, req, prompt_text)
         response_id = f"cmpl-{ctx.request_id}"
         echo = ""
@@ -281,16 +287,34 @@ class OpenAIServing:
             logprobs = None
             if req.logprobs is not None:
                 logprobs = lp_builder.build([lp for o in outputs for lp in (o.new_logprobs or ())])
-            choice = {"index": 0, "text": echo + "".join(o.new_text for o in outputs), "logprobs": logprobs,
-                      "finish_reason": self._finish_reason(last, False), "matched_stop": last.matched_stop}
-            return {"id": response_id, "object": "text_completion", "created": int(time.time()),
-                    "model": self.model_name, "choices": [choice], "usage": usage.to_dict()}
+            choice = {
+                "index": 0,
+                "text": echo + "".join(o.new_text for o in outputs),
+                "logprobs": logprobs,
+                "finish_reason": self._finish_reason(last, False),
+                "matched_stop": last.matched_stop,
+            }
+            return {
+                "id": response_id,
+                "object": "text_completion",
+                "created": int(time.time()),
+                "model": self.model_name,
+                "choices": [choice],
+                "usage": usage.to_dict(),
+            }
         first = await self._prime(it, ctx)
         return self._completion_stream(req, response_id, ctx, it, first, echo, lp_builder, len(prompt_ids))
 
     async def _completion_stream(
-        self, req: CompletionRequest, response_id: str, ctx: RequestContext, it: AsyncIterator[RequestOutput],
-        first: RequestOutput, echo: str, lp_builder: CompletionLogprobsBuilder, prompt_len: int,
+        self,
+        req: CompletionRequest,
+        response_id: str,
+        ctx: RequestContext,
+        it: AsyncIterator[RequestOutput],
+        first: RequestOutput,
+        echo: str,
+        lp_builder: CompletionLogprobsBuilder,
+        prompt_len: int,
     ) -> AsyncIterator[bytes]:
         usage = UsageCounter(prompt_len)
         include_usage, want_lp = req.include_usage, req.logprobs is not None
@@ -300,8 +324,13 @@ class OpenAIServing:
             choice: dict[str, Any] = {"index": 0, "text": text, "logprobs": lp, "finish_reason": finish}
             if finish is not None:
                 choice["matched_stop"] = matched
-            obj: dict[str, Any] = {"id": response_id, "object": "text_completion", "created": created,
-                                   "model": model, "choices": [choice]}
+            obj: dict[str, Any] = {
+                "id": response_id,
+                "object": "text_completion",
+                "created": created,
+                "model": model,
+                "choices": [choice],
+            }
             if include_usage:
                 obj["usage"] = None
             return sse_event(obj)
@@ -317,8 +346,16 @@ class OpenAIServing:
                 if out.finished:
                     yield chunk(out.new_text, lp, self._finish_reason(out, False), out.matched_stop)
                     if include_usage:
-                        yield sse_event({"id": response_id, "object": "text_completion", "created": created,
-                                         "model": model, "choices": [], "usage": usage.to_dict()})
+                        yield sse_event(
+                            {
+                                "id": response_id,
+                                "object": "text_completion",
+                                "created": created,
+                                "model": model,
+                                "choices": [],
+                                "usage": usage.to_dict(),
+                            }
+                        )
                     break
                 if out.new_text or (lp is not None and lp["tokens"]):
                     yield chunk(out.new_text, lp)
@@ -330,132 +367,17 @@ class OpenAIServing:
             yield SSE_DONE
         except Exception:
             logger.exception("completion stream %s failed", ctx.request_id)
-            yield sse_event(_INTERNAL_ERROR)
+            yield sse_event(INTERNAL_ERROR_BODY)
             yield SSE_DONE
         finally:
             await self._close(it, ctx, done)
 
-    # ----------------------------------------------------------------------------- helpers
 
-    def _check_model(self, model: str) -> None:
-        if model != self.model_name:
-            raise ModelNotFoundError(f"The model {model!r} does not exist; this server serves "
-                                     f"{self.model_name!r}", param="model")
-
-    def _max_tokens(self, requested: int | None, prompt_len: int, param: str) -> int:
-        room = self.model_max_len - prompt_len
-        if room < 1:
-            raise ContextLengthError(
-                f"This model's maximum context length is {self.model_max_len} tokens. However, your prompt "
-                f"has {prompt_len} tokens, which leaves no room for output.", param="messages",
-            )
-        if requested is None:
-            return min(self._default_max_tokens, room) if self._default_max_tokens else room
-        if requested > room:
-            raise ContextLengthError(
-                f"This model's maximum context length is {self.model_max_len} tokens. However, you requested "
-                f"{prompt_len + requested} tokens ({prompt_len} in the prompt, {requested} for the "
-                f"completion). Reduce the prompt or {param}.", param=param,
-            )
-        return requested
-
-    def _sampling_params(
-        self, req: ChatCompletionRequest | CompletionRequest, max_tokens: int, logprobs: int | None, skip: bool
-    ) -> SamplingParams:
-        fields: dict[str, Any] = dict(self._defaults)
-        for name in ("temperature", "top_p", "top_k", "min_p", "seed"):
-            value = getattr(req, name)
-            if value is not None:
-                fields[name] = value
-        fields.update(
-            max_tokens=max_tokens, stop=req.stop_list(), stop_token_ids=list(req.stop_token_ids or ()),
-            ignore_eos=req.ignore_eos, logprobs=logprobs, skip_special_tokens=skip,
-        )
-        return SamplingParams(**fields)
-
-    def _prepare_ctx(
-        self, ctx: RequestContext | None, req: ChatCompletionRequest | CompletionRequest, prompt_text: str | None
-    ) -> RequestContext:
-        ctx = ctx if ctx is not None else RequestContext()
-        if not ctx.request_id:
-            ctx.request_id = req.rid or uuid.uuid4().hex
-        ctx.prompt_text = prompt_text
-        ctx.stream = req.stream
-        if ctx.bootstrap is None:
-            ctx.bootstrap = BootstrapInfo.from_fields(req.bootstrap_host, req.bootstrap_port, req.bootstrap_room)
-        if req.model_extra:
-            ctx.extras.update(req.model_extra)
-        if ctx.deadline is None and self._request_timeout is not None:
-            ctx.deadline = time.monotonic() + self._request_timeout
-        return ctx
-
-    def _finish_reason(self, out: RequestOutput, tool_calls: bool) -> str:
-        reason = out.finish_reason or "stop"
-        if reason == "abort":
-            raise WorkerError("generation was aborted by the backend", param=None)
-        if reason == "stop" and tool_calls:
-            return "tool_calls"
-        return reason
-
-    async def _next(
-        self, it: AsyncIterator[RequestOutput], ctx: RequestContext, timeout_s: float
-    ) -> RequestOutput:
-        """The next delta; a backend that stops without a final (``finished``) delta is an error."""
-        left = ctx.time_left()
-        if left is not None:
-            timeout_s = min(timeout_s, left)
-        cm = asyncio.timeout(max(timeout_s, 0.0))
-        try:
-            async with cm:
-                return await anext(it)
-        except StopAsyncIteration:
-            raise WorkerError("backend stream ended without a final output") from None
-        except TimeoutError as exc:
-            if cm.expired():
-                raise RequestTimeoutError(f"no output from the backend within {timeout_s:.1f} s",
-                                          param=None) from exc
-            raise
-
-    async def _prime(self, it: AsyncIterator[RequestOutput], ctx: RequestContext) -> RequestOutput:
-        try:
-            return await self._next(it, ctx, self._first_timeout)
-        except BaseException:
-            await self._close(it, ctx, False)
-            raise
-
-    async def _collect(
-        self, it: AsyncIterator[RequestOutput], ctx: RequestContext, prompt_len: int
-    ) -> tuple[list[RequestOutput], UsageCounter]:
-        outputs: list[RequestOutput] = []
-        usage = UsageCounter(prompt_len)
-        done = False
-        try:
-            timeout = self._first_timeout
-            while True:
-                out = await self._next(it, ctx, timeout)
-                usage.add(out)
-                outputs.append(out)
-                if out.finished:
-                    break
-                timeout = self._output_timeout
-            if outputs[-1].finish_reason == "abort" and ctx.cancelled:
-                raise AbortedError(f"request {ctx.request_id} was cancelled: {ctx.cancel_reason}")
-            done = True
-        finally:
-            await self._close(it, ctx, done)
-        return outputs, usage
-
-    async def _close(self, it: AsyncIterator[RequestOutput], ctx: RequestContext, done: bool) -> None:
-        if not done:
-            ctx.cancel("request ended early")
-        aclose: Callable[[], Any] | None = getattr(it, "aclose", None)
-        if aclose is None:
-            return
-        try:
-            async with asyncio.timeout(self._close_timeout):
-                await aclose()
-        except TimeoutError:
-            logger.warning("closing the backend stream of %s timed out after %.1f s", ctx.request_id,
-                           self._close_timeout)
-        except Exception:
-            logger.exception("closing the backend stream of %s failed", ctx.request_id)
+def _overrides(req: ChatCompletionRequest | CompletionRequest) -> dict[str, Any]:
+    return {
+        "temperature": req.temperature,
+        "top_p": req.top_p,
+        "top_k": req.top_k,
+        "min_p": req.min_p,
+        "seed": req.seed,
+    }

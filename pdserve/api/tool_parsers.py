@@ -8,7 +8,8 @@ differ only in what a forced ``tool_choice`` appends to the prompt.
 Streaming lifecycle of one parser (one per request):
 
 1. ``text``: content passes through; a suffix that may start ``<tool_call>`` and trailing
-   whitespace are held back (whitespace right before a call, or after one, is dropped).
+   whitespace are held back. Whitespace that only separates calls from each other or from the
+   start/end of the output is dropped; whitespace between two pieces of content is kept.
 2. ``<tool_call>`` -> ``name``: held until the name ends, then the first delta of the call is
    emitted: ``{index, id: "call_…", type: "function", function: {name, arguments: ""}}``.
 3. ``args``/``key``/``wait_value``/``value``: argument fragments are emitted as
@@ -108,7 +109,9 @@ class ToolCallParser:
         self._new_id = id_factory
         self._buf = ""
         self._state = _TEXT
-        self._lstrip_content = False
+        self._pending_ws = ""  # whitespace before a call: kept only if more content follows
+        self._after_call = False
+        self._emitted = False  # any content emitted yet
         self._events: list[dict[str, Any]] = []
         self.num_calls = 0  # calls reported so far
         self._index = -1  # index of the call being parsed (reported or not)
@@ -142,51 +145,54 @@ class ToolCallParser:
                     keep = held_suffix_len(buf, (CALL_OPEN,))
                     body = buf[: len(buf) - keep].rstrip()
                     self._emit_content(content, body)
-                    buf = buf[len(body):]
+                    buf = buf[len(body) :]
                     break
-                self._emit_content(content, buf[:idx].rstrip())
-                buf = buf[idx + len(CALL_OPEN):]
+                before = buf[:idx]
+                stripped = before.rstrip()
+                self._emit_content(content, stripped)
+                self._pending_ws += before[len(stripped) :]
+                buf = buf[idx + len(CALL_OPEN) :]
                 self._state = _NAME
             elif state == _NAME:
                 end, skip = self._name_end(buf)
                 if end < 0:
                     break
                 self._start_call(buf[:end].strip())
-                buf = buf[end + skip:]
+                buf = buf[end + skip :]
                 self._state = _ARGS
             elif state == _ARGS:
                 k = buf.find(KEY_OPEN)
                 c = buf.find(CALL_CLOSE)
                 if c >= 0 and (k < 0 or c < k):
                     self._end_call()
-                    buf = buf[c + len(CALL_CLOSE):]
+                    buf = buf[c + len(CALL_CLOSE) :]
                 elif k >= 0:
-                    buf = buf[k + len(KEY_OPEN):]
+                    buf = buf[k + len(KEY_OPEN) :]
                     self._state = _KEY
                 else:
-                    buf = buf[len(buf) - held_suffix_len(buf, (KEY_OPEN, CALL_CLOSE)):]
+                    buf = buf[len(buf) - held_suffix_len(buf, (KEY_OPEN, CALL_CLOSE)) :]
                     break
             elif state == _KEY:
                 idx = buf.find(KEY_CLOSE)
                 if idx < 0:
                     break
                 self._key = buf[:idx].strip()
-                buf = buf[idx + len(KEY_CLOSE):]
+                buf = buf[idx + len(KEY_CLOSE) :]
                 self._state = _WAIT_VALUE
             elif state == _WAIT_VALUE:
                 v = buf.find(VALUE_OPEN)
                 c = buf.find(CALL_CLOSE)
                 if c >= 0 and (v < 0 or c < v):  # a key without a value: drop the key
                     self._end_call()
-                    buf = buf[c + len(CALL_CLOSE):]
+                    buf = buf[c + len(CALL_CLOSE) :]
                 elif v >= 0:
-                    buf = buf[v + len(VALUE_OPEN):]
+                    buf = buf[v + len(VALUE_OPEN) :]
                     self._value_is_string = self._tools.is_string_param(self._call_name, self._key)
                     if self._value_is_string:
                         self._args(self._key_prefix() + '"')
                     self._state = _VALUE
                 else:
-                    buf = buf[len(buf) - held_suffix_len(buf, (VALUE_OPEN, CALL_CLOSE)):]
+                    buf = buf[len(buf) - held_suffix_len(buf, (VALUE_OPEN, CALL_CLOSE)) :]
                     break
             else:  # _VALUE
                 idx = buf.find(VALUE_CLOSE)
@@ -195,10 +201,10 @@ class ToolCallParser:
                         keep = held_suffix_len(buf, (VALUE_CLOSE,))
                         if len(buf) > keep:
                             self._args(_escape(buf[: len(buf) - keep]))
-                            buf = buf[len(buf) - keep:]
+                            buf = buf[len(buf) - keep :]
                     break
                 self._close_value(buf[:idx])
-                buf = buf[idx + len(VALUE_CLOSE):]
+                buf = buf[idx + len(VALUE_CLOSE) :]
                 self._state = _ARGS
         self._buf = buf
         return "".join(content), self._take_events()
@@ -232,13 +238,16 @@ class ToolCallParser:
         return best, skip
 
     def _emit_content(self, out: list[str], text: str) -> None:
-        if self._lstrip_content:
-            text = text.lstrip()
-            if not text:
-                return
-            self._lstrip_content = False
+        if not text:
+            return
+        if self._after_call and not self._emitted:
+            text = text.lstrip()  # content that starts after a call: drop the separator
+        elif self._pending_ws:
+            text = self._pending_ws + text
+        self._pending_ws = ""
         if text:
             out.append(text)
+            self._emitted = True
 
     def _start_call(self, name: str) -> None:
         self._index += 1
@@ -274,7 +283,7 @@ class ToolCallParser:
     def _end_call(self) -> None:
         self._args("}" if self._num_args else "{}")
         self._state = _TEXT
-        self._lstrip_content = True
+        self._after_call = True
         self._suppressed = False
 
     def _args(self, fragment: str) -> None:
@@ -304,7 +313,10 @@ def parse_tool_calls(
 ) -> tuple[str, list[dict[str, Any]]]:
     """Non-streaming: ``(content, [{"id", "type": "function", "function": {"name", "arguments"}}])``."""
     parser = ToolCallParser(
-        tools, start=start, forced_name=forced_name, parallel_tool_calls=parallel_tool_calls,
+        tools,
+        start=start,
+        forced_name=forced_name,
+        parallel_tool_calls=parallel_tool_calls,
         id_factory=id_factory,
     )
     c1, d1 = parser.feed(text)
@@ -318,7 +330,12 @@ def merge_tool_call_deltas(deltas: list[dict[str, Any]]) -> list[dict[str, Any]]
     for d in deltas:
         i = d["index"]
         if i == len(calls):
-            calls.append({"id": d.get("id", ""), "type": "function",
-                          "function": {"name": d["function"].get("name", ""), "arguments": ""}})
+            calls.append(
+                {
+                    "id": d.get("id", ""),
+                    "type": "function",
+                    "function": {"name": d["function"].get("name", ""), "arguments": ""},
+                }
+            )
         calls[i]["function"]["arguments"] += d["function"].get("arguments") or ""
     return calls

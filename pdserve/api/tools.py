@@ -127,7 +127,9 @@ class ToolValidator:
         try:
             key = orjson.dumps(schema, option=orjson.OPT_SORT_KEYS)
         except TypeError as exc:
-            raise InvalidRequestError(f"parameters of tool {name!r} are not JSON: {exc}", param=param) from exc
+            raise InvalidRequestError(
+                f"parameters of tool {name!r} are not JSON: {exc}", param=param
+            ) from exc
         if key in self._schema_ok:
             self._schema_ok.move_to_end(key)
             error = self._schema_ok[key]

@@ -91,8 +91,12 @@ def hf_greedy(model: Any, ids: list[int], max_new_tokens: int) -> list[int]:
     return [int(t) for t in out[0, len(ids) :]]
 
 
-def make_runner(path: Path, *, block_size: int = 4, num_blocks: int = 128, dtype: str = "float32") -> ModelRunner:
-    return ModelRunner(None, path, dtype=dtype, block_size=block_size, num_blocks=num_blocks, show_progress=False)
+def make_runner(
+    path: Path, *, block_size: int = 4, num_blocks: int = 128, dtype: str = "float32"
+) -> ModelRunner:
+    return ModelRunner(
+        None, path, dtype=dtype, block_size=block_size, num_blocks=num_blocks, show_progress=False
+    )
 
 
 @dataclass

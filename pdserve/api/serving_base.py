@@ -1,0 +1,253 @@
+"""Shared plumbing of the OpenAI and native servers: limits, sampling params, and bounded waits on a
+:class:`GenerateBackend` stream.
+
+Backend-stream lifecycle every endpoint follows:
+
+1. ``generate(...)`` returns an async iterator; nothing runs until the first ``anext``.
+2. Every ``anext`` is bounded: ``first_output_timeout_s`` for the first delta (queueing + prefill),
+   ``output_timeout_s`` between deltas, and the request deadline when the context has one. A
+   timeout raises :class:`RequestTimeoutError` (408); a stream that stops without a ``finished``
+   delta raises :class:`WorkerError` (502).
+3. Streaming endpoints await the first delta before returning their SSE iterator (``_prime``), so
+   early failures are HTTP statuses, not error events.
+4. Whatever happens, ``_close`` runs: on an abnormal exit it cancels the context first, then closes
+   the iterator (bounded by ``close_timeout_s``) so the backend's ``finally`` frees its resources.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any, Protocol
+
+from pdserve.api.backend import BootstrapInfo, GenerateBackend, RequestContext
+from pdserve.engine.outputs import RequestOutput
+from pdserve.engine.sampling_params import SamplingParams
+from pdserve.errors import (
+    AbortedError,
+    ConfigError,
+    ContextLengthError,
+    ModelNotFoundError,
+    RequestTimeoutError,
+    WorkerError,
+)
+
+logger = logging.getLogger(__name__)
+
+INTERNAL_ERROR_BODY: dict[str, Any] = {
+    "error": {"message": "internal server error", "type": "internal_error", "param": None, "code": 500}
+}
+
+
+class _RequestFields(Protocol):
+    """What ``_prepare_ctx`` reads from any request model."""
+
+    rid: str | None
+    stream: bool
+    bootstrap_host: str | None
+    bootstrap_port: int | None
+    bootstrap_room: int | None
+
+    @property
+    def model_extra(self) -> dict[str, Any] | None: ...
+
+
+class UsageCounter:
+    """Token counts over a request's deltas (robust to per-delta or cumulative output counts)."""
+
+    __slots__ = ("cached", "max_output", "prompt", "summed")
+
+    def __init__(self, prompt_tokens: int) -> None:
+        self.prompt = prompt_tokens
+        self.summed = 0
+        self.max_output = 0
+        self.cached = 0
+
+    def add(self, out: RequestOutput) -> None:
+        self.summed += len(out.new_token_ids)
+        if out.num_output_tokens > self.max_output:
+            self.max_output = out.num_output_tokens
+        if out.num_prompt_tokens > self.prompt:
+            self.prompt = out.num_prompt_tokens
+        if out.num_cached_tokens > self.cached:
+            self.cached = out.num_cached_tokens
+
+    @property
+    def completion(self) -> int:
+        return max(self.summed, self.max_output)
+
+    def to_dict(self) -> dict[str, Any]:
+        completion = self.completion
+        return {
+            "prompt_tokens": self.prompt,
+            "completion_tokens": completion,
+            "total_tokens": self.prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": self.cached},
+        }
+
+
+class ServingBase:
+    """Limits, defaults and backend-stream helpers shared by the OpenAI and native endpoints."""
+
+    def __init__(
+        self,
+        backend: GenerateBackend,
+        *,
+        served_model_name: str,
+        model_max_len: int,
+        default_max_tokens: int | None = None,
+        sampling_defaults: Mapping[str, Any] | None = None,
+        first_output_timeout_s: float = 120.0,
+        output_timeout_s: float = 60.0,
+        request_timeout_s: float | None = None,
+        close_timeout_s: float = 5.0,
+    ) -> None:
+        if model_max_len < 2:
+            raise ConfigError(f"model_max_len must be >= 2, got {model_max_len}")
+        for name, value in (
+            ("first_output_timeout_s", first_output_timeout_s),
+            ("output_timeout_s", output_timeout_s),
+            ("close_timeout_s", close_timeout_s),
+            ("request_timeout_s", request_timeout_s or 1.0),
+        ):
+            if not value > 0:
+                raise ConfigError(f"{name} must be > 0, got {value}")
+        self._backend = backend
+        self.model_name = served_model_name
+        self.model_max_len = model_max_len
+        self._default_max_tokens = default_max_tokens
+        self._defaults = dict(sampling_defaults or {})
+        try:
+            SamplingParams(**{**self._defaults, "max_tokens": 1})
+        except Exception as exc:
+            raise ConfigError(f"invalid sampling_defaults: {exc}") from exc
+        self._first_timeout = first_output_timeout_s
+        self._output_timeout = output_timeout_s
+        self._request_timeout = request_timeout_s
+        self._close_timeout = close_timeout_s
+
+    def _check_model(self, model: str) -> None:
+        if model != self.model_name:
+            raise ModelNotFoundError(
+                f"The model {model!r} does not exist; this server serves {self.model_name!r}", param="model"
+            )
+
+    def _max_tokens(self, requested: int | None, prompt_len: int, param: str) -> int:
+        room = self.model_max_len - prompt_len
+        if room < 1:
+            raise ContextLengthError(
+                f"This model's maximum context length is {self.model_max_len} tokens. However, your prompt "
+                f"has {prompt_len} tokens, which leaves no room for output.",
+                param="messages",
+            )
+        if requested is None:
+            return min(self._default_max_tokens, room) if self._default_max_tokens else room
+        if requested > room:
+            raise ContextLengthError(
+                f"This model's maximum context length is {self.model_max_len} tokens. However, you requested "
+                f"{prompt_len + requested} tokens ({prompt_len} in the prompt, {requested} for the "
+                f"completion). Reduce the prompt or {param}.",
+                param=param,
+            )
+        return requested
+
+    def _sampling_params(self, overrides: Mapping[str, Any], **fixed: Any) -> SamplingParams:
+        """Server defaults, then the request's non-None ``overrides``, then ``fixed``."""
+        fields: dict[str, Any] = dict(self._defaults)
+        fields.update((k, v) for k, v in overrides.items() if v is not None)
+        fields.update(fixed)
+        return SamplingParams(**fields)
+
+    def _prepare_ctx(
+        self, ctx: RequestContext | None, req: _RequestFields, prompt_text: str | None
+    ) -> RequestContext:
+        ctx = ctx if ctx is not None else RequestContext()
+        if not ctx.request_id:
+            ctx.request_id = req.rid or uuid.uuid4().hex
+        ctx.prompt_text = prompt_text
+        ctx.stream = req.stream
+        if ctx.bootstrap is None:
+            ctx.bootstrap = BootstrapInfo.from_fields(
+                req.bootstrap_host, req.bootstrap_port, req.bootstrap_room
+            )
+        if req.model_extra:
+            ctx.extras.update(req.model_extra)
+        if ctx.deadline is None and self._request_timeout is not None:
+            ctx.deadline = time.monotonic() + self._request_timeout
+        return ctx
+
+    @staticmethod
+    def _finish_reason(out: RequestOutput, tool_calls: bool) -> str:
+        reason = out.finish_reason or "stop"
+        if reason == "abort":
+            raise WorkerError("generation was aborted by the backend")
+        if reason == "stop" and tool_calls:
+            return "tool_calls"
+        return reason
+
+    async def _next(
+        self, it: AsyncIterator[RequestOutput], ctx: RequestContext, timeout_s: float
+    ) -> RequestOutput:
+        """The next delta; a backend that stops without a final (``finished``) delta is an error."""
+        left = ctx.time_left()
+        if left is not None:
+            timeout_s = min(timeout_s, left)
+        cm = asyncio.timeout(max(timeout_s, 0.0))
+        try:
+            async with cm:
+                return await anext(it)
+        except StopAsyncIteration:
+            raise WorkerError("backend stream ended without a final output") from None
+        except TimeoutError as exc:
+            if cm.expired():
+                raise RequestTimeoutError(f"no output from the backend within {timeout_s:.1f} s") from exc
+            raise
+
+    async def _prime(self, it: AsyncIterator[RequestOutput], ctx: RequestContext) -> RequestOutput:
+        try:
+            return await self._next(it, ctx, self._first_timeout)
+        except BaseException:
+            await self._close(it, ctx, False)
+            raise
+
+    async def _collect(
+        self, it: AsyncIterator[RequestOutput], ctx: RequestContext, prompt_len: int
+    ) -> tuple[list[RequestOutput], UsageCounter]:
+        """All deltas of a non-streaming request (the last one is ``finished``)."""
+        outputs: list[RequestOutput] = []
+        usage = UsageCounter(prompt_len)
+        done = False
+        try:
+            timeout = self._first_timeout
+            while True:
+                out = await self._next(it, ctx, timeout)
+                usage.add(out)
+                outputs.append(out)
+                if out.finished:
+                    break
+                timeout = self._output_timeout
+            if outputs[-1].finish_reason == "abort" and ctx.cancelled:
+                raise AbortedError(f"request {ctx.request_id} was cancelled: {ctx.cancel_reason}")
+            done = True
+        finally:
+            await self._close(it, ctx, done)
+        return outputs, usage
+
+    async def _close(self, it: AsyncIterator[RequestOutput], ctx: RequestContext, done: bool) -> None:
+        if not done:
+            ctx.cancel("request ended early")
+        aclose: Callable[[], Any] | None = getattr(it, "aclose", None)
+        if aclose is None:
+            return
+        try:
+            async with asyncio.timeout(self._close_timeout):
+                await aclose()
+        except TimeoutError:
+            logger.warning(
+                "closing the backend stream of %s timed out after %.1f s", ctx.request_id, self._close_timeout
+            )
+        except Exception:
+            logger.exception("closing the backend stream of %s failed", ctx.request_id)
