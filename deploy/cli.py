@@ -37,7 +37,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def add_up_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default=None, help="pdserve YAML (default: 1 prefill + 1 decode, router :8000)")
+    p.add_argument("--config", default=None, help="pdserve YAML (default: 1P + 1D, router :8000)")
     p.add_argument("--address", default=None, help="join this Ray cluster ('auto' after `ray up`)")
     p.add_argument("--detach", action="store_true", help="leave the fleet running and return")
     p.add_argument("--timeout", type=float, default=None, help="seconds to wait for a healthy fleet")
@@ -117,6 +117,9 @@ def run_up(args: argparse.Namespace) -> int:
     print(f"pdserve: fleet {fleet_cfg.name!r} ready: router {status['router']['url']}", file=sys.stderr)
     print(_router_url(cfg) if status["router"]["url"] is None else status["router"]["url"], flush=True)
     if args.detach:
+        import ray
+
+        ray.shutdown()  # only this driver; the fleet and its cluster keep running
         print(f"pdserve: detached (stop it with `pdserve down --name {fleet_cfg.name}`)", file=sys.stderr)
         return 0
     print("pdserve: serving; Ctrl-C to stop", file=sys.stderr)

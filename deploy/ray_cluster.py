@@ -186,10 +186,17 @@ def connect(address: str, *, namespace: str, timeout_s: float = 60.0, log_to_dri
     errors: list[BaseException] = []
 
     def _init() -> None:
+        # Ray warns that it cannot install its SIGTERM handler off the main thread; we handle
+        # SIGTERM ourselves, so keep that line out of the operator's terminal.
+        ray_logger = logging.getLogger("ray")
+        level = ray_logger.level
+        ray_logger.setLevel(logging.ERROR)
         try:
             ray.init(**kwargs)
         except BaseException as exc:
             errors.append(exc)
+        finally:
+            ray_logger.setLevel(level)
 
     thread = threading.Thread(target=_init, name="ray-connect", daemon=True)
     thread.start()

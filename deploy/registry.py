@@ -99,6 +99,8 @@ class FleetHttp:
         except httpx.HTTPError as exc:
             logger.warning("register %s with %s failed: %r", url, router_url, exc)
             return False
+        if resp.status_code == 409:  # already known (e.g. registered before a controller restart)
+            return True
         if resp.status_code >= 300:
             logger.warning("register %s: router answered %d %s", url, resp.status_code, resp.text[:200])
             return False

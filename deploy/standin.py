@@ -39,10 +39,12 @@ def build_worker_app(
     port: int,
     role: str,
     bootstrap_port: int | None = None,
+    config: dict[str, Any] | None = None,
     model: str = _STANDIN_MODEL,
     delay_s: float = 0.0,
 ) -> FastAPI:
-    """A worker of ``role`` (prefill/decode/both) that answers after ``delay_s`` seconds."""
+    """A worker of ``role`` (prefill/decode/both) that answers after ``delay_s`` seconds.
+    ``config`` (the fleet's pdserve config) is accepted and ignored."""
     state: dict[str, Any] = {"running": 0, "served": 0}
 
     @contextlib.asynccontextmanager
@@ -117,7 +119,13 @@ async def _close_at_once(_: asyncio.StreamReader, writer: asyncio.StreamWriter) 
 
 
 def build_router_app(
-    *, host: str, port: int, role: str = "router", model: str = _STANDIN_MODEL, timeout_s: float = 30.0
+    *,
+    host: str,
+    port: int,
+    role: str = "router",
+    config: dict[str, Any] | None = None,
+    model: str = _STANDIN_MODEL,
+    timeout_s: float = 30.0,
 ) -> FastAPI:
     """A minimal PD router with dynamic registration (no retries, no policy but round robin)."""
     workers: dict[str, dict[str, Any]] = {}

@@ -37,13 +37,18 @@ class PrefillSpan:
 
 
 @dataclass
+class DecodeGroup:
+    token_idx: torch.Tensor  # int64 [Sd] rows of the one-token chunks in the flat batch
+    block_ids: torch.Tensor  # int64 [Sd, max blocks] (padded with block 0, masked out)
+    mask: torch.Tensor  # bool [Sd, 1, 1, max blocks * bs]: key position < context length
+    is_whole_batch: bool  # every token of the batch is in the group, in order
+
+
+@dataclass
 class AttentionMetadata:
     positions: torch.Tensor  # int64 [T]
     slots: torch.Tensor  # int64 [T]
-    decode_token_idx: torch.Tensor | None  # int64 [Sd] rows of the decode tokens in the batch
-    decode_block_ids: torch.Tensor | None  # int64 [Sd, max blocks]
-    decode_mask: torch.Tensor | None  # bool [Sd, 1, 1, max blocks * bs]
-    decode_is_whole_batch: bool  # every token of the batch is a decode token, in order
+    decode: DecodeGroup | None
     prefills: list[PrefillSpan]
 
 
@@ -86,23 +91,18 @@ def build_attention_metadata(
         mask = torch.arange(end)[None, :] <= torch.arange(start_pos, end)[:, None]
         ids = table_pad[seq, : len(tables[seq])]
         prefills.append(PrefillSpan(token_start, n, start_pos, ids.to(device), mask.to(device)))
-    dec_idx = dec_blocks = dec_mask = None
+    decode = None
     if decode_rows:
         dec_width = max(len(tables[s]) for s in decode_seqs)
-        dec_blocks = table_pad[decode_seqs, :dec_width]
         dec_lens = torch.tensor([ends[s] for s in decode_seqs], dtype=torch.int64)
         dec_mask = (torch.arange(dec_width * block_size)[None, :] < dec_lens[:, None])[:, None, None, :]
-        dec_blocks, dec_mask = dec_blocks.to(device), dec_mask.to(device)
-        dec_idx = torch.tensor(decode_rows, dtype=torch.int64).to(device)
-    return AttentionMetadata(
-        positions=pos_t.to(device),
-        slots=slots.to(device),
-        decode_token_idx=dec_idx,
-        decode_block_ids=dec_blocks,
-        decode_mask=dec_mask,
-        decode_is_whole_batch=len(decode_rows) == offset,
-        prefills=prefills,
-    )
+        decode = DecodeGroup(
+            token_idx=torch.tensor(decode_rows, dtype=torch.int64).to(device),
+            block_ids=table_pad[decode_seqs, :dec_width].to(device),
+            mask=dec_mask.to(device),
+            is_whole_batch=len(decode_rows) == offset,
+        )
+    return AttentionMetadata(pos_t.to(device), slots.to(device), decode, prefills)
 
 
 def write_kv(kv_layer: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
@@ -134,13 +134,13 @@ def paged_attention(
     kv_heads = k.shape[1]
     groups = num_heads // kv_heads
     k_pages, v_pages = kv_layer[0], kv_layer[1]
-    if meta.decode_is_whole_batch and not meta.prefills:
-        return _decode(q, k_pages, v_pages, meta, scale, groups).reshape(num_tokens, num_heads * head_dim)
+    dec = meta.decode
+    if dec is not None and dec.is_whole_batch:
+        return _decode(q, k_pages, v_pages, dec, scale, groups).reshape(num_tokens, num_heads * head_dim)
     out = q.new_empty(num_tokens, num_heads * head_dim)
-    if meta.decode_token_idx is not None:
-        qd = q.index_select(0, meta.decode_token_idx)
-        res = _decode(qd, k_pages, v_pages, meta, scale, groups)
-        out.index_copy_(0, meta.decode_token_idx, res.reshape(-1, num_heads * head_dim))
+    if dec is not None:
+        res = _decode(q.index_select(0, dec.token_idx), k_pages, v_pages, dec, scale, groups)
+        out.index_copy_(0, dec.token_idx, res.reshape(-1, num_heads * head_dim))
     for span in meta.prefills:
         rows = slice(span.token_start, span.token_start + span.num_tokens)
         if span.block_ids is None or span.mask is None:
@@ -157,18 +157,17 @@ def _decode(
     q: torch.Tensor,
     k_pages: torch.Tensor,
     v_pages: torch.Tensor,
-    meta: AttentionMetadata,
+    dec: DecodeGroup,
     scale: float,
     groups: int,
 ) -> torch.Tensor:
-    if meta.decode_block_ids is None or meta.decode_mask is None:
-        raise RuntimeError("decode metadata missing")  # unreachable: built together
+    """One token per sequence over its gathered pages; query heads grouped under their KV head."""
     seqs, num_heads, head_dim = q.shape
     kv_heads = num_heads // groups
-    kc = _gather_pages(k_pages, meta.decode_block_ids).transpose(1, 2)  # [S, Hkv, L, D]
-    vc = _gather_pages(v_pages, meta.decode_block_ids).transpose(1, 2)
+    kc = _gather_pages(k_pages, dec.block_ids).transpose(1, 2)  # [S, Hkv, L, D]
+    vc = _gather_pages(v_pages, dec.block_ids).transpose(1, 2)
     qf = q.view(seqs, kv_heads, groups, head_dim)
-    res = F.scaled_dot_product_attention(qf, kc, vc, attn_mask=meta.decode_mask, scale=scale)
+    res = F.scaled_dot_product_attention(qf, kc, vc, attn_mask=dec.mask, scale=scale)
     return res.reshape(seqs, num_heads, head_dim)
 
 

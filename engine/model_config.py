@@ -150,6 +150,12 @@ class ModelConfig:
                 raise ModelLoadError(f"config 'architectures' must be a list of strings, got {archs!r}")
             if ARCHITECTURE not in archs:
                 raise ModelLoadError(f"unsupported architectures {archs!r}: expected {ARCHITECTURE!r}")
+        quant = data.get("quantization_config")
+        if quant:
+            method = quant.get("quant_method", "?") if isinstance(quant, dict) else "?"
+            raise ModelLoadError(
+                f"quantized checkpoints ({method}) are not supported: use a bf16/fp32 checkpoint"
+            )
         values: dict[str, Any] = {}
         for name, default in _INT_FIELDS.items():
             key = "num_mtp_layers" if name == "num_nextn_predict_layers" and name not in data else name

@@ -135,21 +135,27 @@ class Scheduler:
         bm = self.block_manager
 
         # 1. decodes, oldest first
+        bs = bm.block_size
+        running = SeqStatus.RUNNING
         for seq in list(self.running):
             if budget == 0:
                 break
-            if seq.status is not SeqStatus.RUNNING or not seq.is_decoding:
+            n_tok = len(seq.token_ids)
+            if seq.status is not running or n_tok - seq.num_computed_tokens != 1:
                 continue
-            while not bm.can_append(seq):
-                victim = self._pick_victim(scheduled)
-                self._preempt(victim)
-                batch.preempted.append(victim)
-                if victim is seq:
-                    break
-            if seq.status is not SeqStatus.RUNNING:
-                continue
-            bm.append_slot(seq)
-            self._emit(batch, seq, 1)
+            if n_tok > len(seq.block_table) * bs:  # the new token opens a block
+                while not bm.can_append(seq):
+                    victim = self._pick_victim(scheduled)
+                    self._preempt(victim)
+                    batch.preempted.append(victim)
+                    if victim is seq:
+                        break
+                if seq.status is not running:
+                    continue
+                bm.append_slot(seq)
+            batch.seqs.append(seq)
+            batch.num_tokens.append(1)
+            batch.chunks.append(SeqChunk(seq.token_ids[-1:], n_tok - 1, seq.block_table, True))
             scheduled.add(id(seq))
             budget -= 1
 

@@ -137,7 +137,8 @@ class OutputProcessor:
             else:
                 new_text, buf = buf, ""
             self._buf = buf
-        if reason is None and seq.num_output_tokens >= seq.max_tokens:
+        n_out = len(seq.token_ids) - seq.num_prompt_tokens
+        if reason is None and n_out >= seq.max_tokens:
             reason = "length"
         if reason is not None and not isinstance(matched, str):
             new_text += self._buf + self._flush()
@@ -151,7 +152,7 @@ class OutputProcessor:
             matched_stop=matched,
             new_logprobs=[logprob] if logprob is not None and seq.params.logprobs is not None else None,
             num_prompt_tokens=seq.num_prompt_tokens,
-            num_output_tokens=seq.num_output_tokens,
+            num_output_tokens=n_out,
             num_cached_tokens=max(seq.num_cached_tokens, 0),
         )
 

@@ -76,8 +76,8 @@ logger = logging.getLogger(__name__)
 _MAX_TOMBSTONES = 65536
 
 
-def _dead_error(message: str, phase: str) -> TransferError:
-    return PeerDeadError(message, side="prefill", phase=phase)
+def _dead_error(message: str, phase: str, room: int) -> TransferError:
+    return PeerDeadError(message, side="prefill", phase=phase, room=room)
 
 
 @dataclass
@@ -119,7 +119,7 @@ class BootstrapEndpoint:
                 sock.bind(f"tcp://{self.host}:{self.port}")
         except zmq.ZMQError as exc:
             sock.close(linger=0)
-            self._ctx.term()
+            self._ctx.destroy(linger=0)
             self._ctx = None
             raise HandshakeError(
                 f"cannot bind bootstrap endpoint {self.host}:{self.port}: {exc}",
@@ -144,7 +144,7 @@ class BootstrapEndpoint:
             self._sock.close(linger=0)
             self._sock = None
         if self._ctx is not None:
-            self._ctx.term()
+            self._ctx.destroy(linger=0)
             self._ctx = None
 
     # -- sending --------------------------------------------------------------------------------
@@ -225,10 +225,11 @@ class BootstrapEndpoint:
             )
             self.drop_decode(
                 old,
-                lambda phase: PeerRestartedError(
+                lambda phase, room: PeerRestartedError(
                     f"decode at {msg.decode_addr} restarted (incarnation {msg.decode_inc} replaced {old})",
                     side="prefill",
                     phase=phase,
+                    room=room,
                 ),
                 reply="none",
             )
@@ -396,7 +397,9 @@ class BootstrapEndpoint:
             if d is not None:
                 d.rooms.discard(room.room)
 
-    def drop_decode(self, inc: str, make_error: Callable[[str], TransferError], reply: str) -> None:
+    def drop_decode(self, inc: str, make_error: Callable[[str, int], TransferError], reply: str) -> None:
+        """Forget a decode incarnation: fail its rooms (``make_error(phase, room)``) and parked
+        registrations, and drop its data connection."""
         d = self.decodes.pop(inc, None)
         if d is None:
             return
@@ -405,12 +408,12 @@ class BootstrapEndpoint:
         for room_id in list(d.rooms):
             room = self.svc.rooms.get(room_id)
             if room is not None:
-                self.svc.fail(room, make_error(room.state.phase), reply=reply)
+                self.svc.fail(room, make_error(room.state.phase, room_id), reply=reply)
         for room_id, p in list(self.pending.items()):
             if p.peer.decode_inc == inc:
                 p.timer.cancel()
                 del self.pending[room_id]
-                self.tombstone(room_id, make_error("bootstrap"))
+                self.tombstone(room_id, make_error("bootstrap", room_id))
         self.svc.disconnect_later(inc)
 
     async def _tick_loop(self) -> None:

@@ -45,7 +45,7 @@ class TransferConfig(BaseModel):
     tcp_hwm: int = Field(64, ge=1, description="tcp: zmq high-water mark (messages) on data sockets")
     device: str = Field(
         "cpu",
-        description="decode pool device: cpu for shm/tcp; cuda[:N] for nccl (checked when the transport starts)",
+        description="decode pool device: cpu for shm/tcp; cuda[:N] for nccl (checked at start)",
     )
     shm_dir: str = Field("/dev/shm", min_length=1, description="where shm segments live")
     nccl_library: str | None = Field(

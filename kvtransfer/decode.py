@@ -83,6 +83,7 @@ class DecodeTransferService(ReceiverControl):
         self.incarnation = uuid.uuid4().hex
         self.host = host
         self.addr = advertise_addr or f"{host}/pid{os.getpid()}"
+        self.registry = registry
         self.metrics = TransferMetrics(registry, side="decode", transport=config.transport)
         self.handle = LoopHandle()
         self.backend = make_recv_backend(
@@ -137,7 +138,7 @@ class DecodeTransferService(ReceiverControl):
             await asyncio.wait(list(self.tasks), timeout=2.0)
         await asyncio.to_thread(self.backend.close)
         if self._ctx is not None:
-            self._ctx.term()
+            self._ctx.destroy(linger=0)
             self._ctx = None
         logger.info("kvtransfer decode service closed")
 

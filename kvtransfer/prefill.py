@@ -72,6 +72,7 @@ class PrefillTransferService:
         self.store = PageStore(layout, kv_storage)
         self.incarnation = uuid.uuid4().hex
         self.host = host
+        self.registry = registry
         self.metrics = TransferMetrics(registry, side="prefill", transport=config.transport)
         self.backend = make_send_backend(config, self.store, self._post_plan, nccl_lib=nccl_lib)
         self.rooms: dict[int, SendRoom] = {}

@@ -203,13 +203,17 @@ class KVSender:
     async def finish(self, aux: AuxData) -> TransferResult:
         """Ship everything not yet shipped plus ``aux``; return when the decode confirmed."""
         svc, room = self._service, self._room
-        if aux.room != room.room:
+        if room.state.value == KVPoll.Failed:
+            pass  # already failed: the awaited result raises the room's own error
+        elif aux.room != room.room:
             err = RoomError(
                 f"aux data names room {aux.room}", side="prefill", phase=room.state.phase, room=room.room
             )
             svc.fail_threadsafe(room, err)
             raise err
-        if not room.fake:
+        elif room.fake:
+            svc.finish_fake(room)
+        else:
             with room.lock:
                 if room.src is None:
                     err = RoomError(
@@ -220,8 +224,6 @@ class KVSender:
                 room.aux = aux
                 room.ready[:] = _ALL
                 svc.schedule_locked(room)
-        else:
-            svc.finish_fake(room)
         try:
             return await asyncio.shield(room.result)
         except asyncio.CancelledError:

@@ -139,17 +139,17 @@ class SharedKVPool:
                     phase="bootstrap",
                     reason="peer_restarted",
                 )
+            seg_layout = KVLayout.from_dict(head["layout"])
+            if seg_layout != layout:
+                raise TransferLayoutMismatchError(
+                    f"shm segment {name} layout {seg_layout} != {layout}", side="prefill", phase="bootstrap"
+                )
             if head["num_blocks"] != num_blocks or size != HEADER_BYTES + cls.data_nbytes(layout, num_blocks):
                 raise HandshakeError(
                     f"shm segment {name} holds {head['num_blocks']} blocks / {size} bytes, "
                     f"registered {num_blocks} blocks",
                     side="prefill",
                     phase="bootstrap",
-                )
-            seg_layout = KVLayout.from_dict(head["layout"])
-            if seg_layout != layout:
-                raise TransferLayoutMismatchError(
-                    f"shm segment {name} layout {seg_layout} != {layout}", side="prefill", phase="bootstrap"
                 )
         except Exception:
             mm.close()

@@ -49,8 +49,11 @@ BOOTSTRAP_KEYS = ("bootstrap_host", "bootstrap_port", "bootstrap_room")
 _ERROR_PREFIXES = (b'data: {"error"', b'{"error"')
 
 
-def failure_kind(exc: BaseException) -> str:
+def failure_kind(exc: BaseException, root: bool = False) -> str:
+    """Low-cardinality label for a failure (``root``: a peer-leg failure is named by its cause)."""
     if isinstance(exc, PeerLegFailedError):
+        if root and exc.__cause__ is not None:
+            return failure_kind(exc.__cause__)
         return "peer"
     if isinstance(exc, UpstreamTimeoutError):
         return "timeout"
@@ -193,6 +196,9 @@ class Dispatcher:
                 route = self.policy.route(self.registry, key, exclude)
             except NoWorkerError:
                 if last is not None:
+                    cause = last.__cause__
+                    if isinstance(last, PeerLegFailedError) and isinstance(cause, PdserveError):
+                        raise cause from None
                     raise last from None
                 raise
             try:
@@ -200,12 +206,16 @@ class Dispatcher:
             except PdserveError as exc:
                 failed = _failed_worker(route, exc)
                 if not is_retryable(exc, retry.statuses) or attempt >= retry.max_retries:
+                    cause = exc.__cause__
+                    if isinstance(exc, PeerLegFailedError) and isinstance(cause, PdserveError):
+                        raise cause from None  # the client sees what the failing leg said
                     raise
                 exclude.add(failed.url)
                 last = exc
                 attempt += 1
-                self.metrics.retries.labels(failure_kind(exc)).inc()
-                logger.info("retry %d after %s from %s: %s", attempt, failure_kind(exc), failed.url, exc)
+                kind = failure_kind(exc, root=True)
+                self.metrics.retries.labels(kind).inc()
+                logger.info("retry %d after %s from %s: %s", attempt, kind, failed.url, exc)
 
     async def aclose(self) -> None:
         for task in list(self._bg):

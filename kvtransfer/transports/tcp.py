@@ -164,7 +164,7 @@ class TcpSendBackend(SendBackend):
     def close(self) -> None:
         for inc in list(self._socks):
             self.disconnect(inc)
-        self._ctx.term()
+        self._ctx.destroy(linger=0)
 
 
 @dataclass
@@ -192,7 +192,7 @@ class TcpRecvBackend(RecvBackend):
             self.port = self._sock.bind_to_random_port(f"tcp://{host}")
         except zmq.ZMQError as exc:
             self._sock.close(linger=0)
-            self._ctx.term()
+            self._ctx.destroy(linger=0)
             raise HandshakeError(f"cannot bind tcp data socket on {host}: {exc}", phase="setup") from exc
         self.addr = f"tcp://{host}:{self.port}"
         self._slots: dict[int, _Slot] = {}
@@ -233,7 +233,7 @@ class TcpRecvBackend(RecvBackend):
                 logger.error("tcp receive thread did not stop within 5 s")
         else:
             self._sock.close(linger=0)
-        self._ctx.term()
+        self._ctx.destroy(linger=0)
 
     # -- receive thread ------------------------------------------------------------------------
 

@@ -22,11 +22,14 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from pdserve.engine.outputs import RequestOutput
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.errors import InvalidRequestError, RequestTimeoutError
+
+if TYPE_CHECKING:
+    from pdserve.engine.tokenizer import Tokenizer
 
 MAX_BOOTSTRAP_ROOM = 2**63 - 1
 
@@ -161,3 +164,9 @@ class ChatTokenizer(Protocol):
         add_generation_prompt: bool = True,
         **template_kwargs: Any,
     ) -> str: ...
+
+
+if TYPE_CHECKING:  # mypy proves the engine's tokenizer satisfies the protocol
+
+    def _tokenizer_conforms(tok: Tokenizer) -> ChatTokenizer:
+        return tok

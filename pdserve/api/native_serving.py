@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from pdserve.api.backend import ChatTokenizer, GenerateBackend, RequestContext
+from pdserve.api.backend_stream import BackendStream
 from pdserve.api.logprobs import TokenTexts
 from pdserve.api.native import NativeOutputWriter, request_to_engine
 from pdserve.api.protocol import GenerateRequest
@@ -87,19 +88,19 @@ class NativeServing(ServingBase):
         )
         it = self._backend.generate(ctx.request_id, prompt_ids, params, ctx=ctx)
         if not req.stream:
-            outputs, _ = await self._collect(it, ctx, len(prompt_ids))
+            outputs, _ = await self._collect(self._open(it, ctx), len(prompt_ids))
             for out in outputs:
                 writer.add(out)
             if outputs[-1].finish_reason == "abort":
                 raise WorkerError("generation was aborted by the backend")
             return writer.response(outputs[-1])
-        first = await self._prime(it, ctx)
-        return self._stream(ctx, it, first, writer)
+        stream = self._open(it, ctx)
+        first = await self._prime(stream)
+        return self._stream(stream, first, writer)
 
     async def _stream(
         self,
-        ctx: RequestContext,
-        it: AsyncIterator[RequestOutput],
+        stream: BackendStream,
         first: RequestOutput,
         writer: NativeOutputWriter,
     ) -> AsyncIterator[bytes]:
@@ -110,15 +111,15 @@ class NativeServing(ServingBase):
                 yield sse_event(writer.chunk(out))
                 if out.finished:
                     break
-                out = await self._next(it, ctx, self._output_timeout)
+                out = await stream.next(self._output_timeout)
             done = True
             yield SSE_DONE
         except PdserveError as exc:
             yield sse_event(exc.to_openai())
             yield SSE_DONE
         except Exception:
-            logger.exception("generate stream %s failed", ctx.request_id)
+            logger.exception("generate stream %s failed", stream.ctx.request_id)
             yield sse_event(INTERNAL_ERROR_BODY)
             yield SSE_DONE
         finally:
-            await self._close(it, ctx, done)
+            await stream.close(done)

@@ -26,6 +26,7 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from pdserve.api.backend import ChatTokenizer, GenerateBackend, RequestContext
+from pdserve.api.backend_stream import BackendStream
 from pdserve.api.chat import ChatOutputProcessor, ChatPrompt, ChatRenderer
 from pdserve.api.logprobs import CompletionLogprobsBuilder, TokenTexts, chat_logprobs
 from pdserve.api.protocol import ChatCompletionRequest, CompletionRequest
@@ -123,10 +124,11 @@ class OpenAIServing(ServingBase):
         reasoning_cls = self._reasoning_cls if req.separate_reasoning else None
         it = self._backend.generate(ctx.request_id, prompt.ids, params, ctx=ctx)
         if not req.stream:
-            outputs, usage = await self._collect(it, ctx, len(prompt.ids))
+            outputs, usage = await self._collect(self._open(it, ctx), len(prompt.ids))
             return self._chat_response(req, prompt, reasoning_cls, response_id, outputs, usage)
-        first = await self._prime(it, ctx)
-        return self._chat_stream(req, prompt, reasoning_cls, response_id, ctx, it, first)
+        stream = self._open(it, ctx)
+        first = await self._prime(stream)
+        return self._chat_stream(req, prompt, reasoning_cls, response_id, stream, first)
 
     def _chat_response(
         self,
@@ -174,8 +176,7 @@ class OpenAIServing(ServingBase):
         prompt: ChatPrompt,
         reasoning_cls: ReasoningCls,
         response_id: str,
-        ctx: RequestContext,
-        it: AsyncIterator[RequestOutput],
+        stream: BackendStream,
         first: RequestOutput,
     ) -> AsyncIterator[bytes]:
         proc = ChatOutputProcessor(prompt, reasoning_cls)
@@ -237,18 +238,18 @@ class OpenAIServing(ServingBase):
                     break
                 if delta or lp is not None:
                     yield chunk(delta, lp)
-                out = await self._next(it, ctx, self._output_timeout)
+                out = await stream.next(self._output_timeout)
             done = True
             yield SSE_DONE
         except PdserveError as exc:
             yield sse_event(exc.to_openai())
             yield SSE_DONE
         except Exception:
-            logger.exception("chat stream %s failed", ctx.request_id)
+            logger.exception("chat stream %s failed", stream.ctx.request_id)
             yield sse_event(INTERNAL_ERROR_BODY)
             yield SSE_DONE
         finally:
-            await self._close(it, ctx, done)
+            await stream.close(done)
 
     # ------------------------------------------------------------------------- completions
 
@@ -282,7 +283,7 @@ class OpenAIServing(ServingBase):
         lp_builder = CompletionLogprobsBuilder(self._texts, req.logprobs or 0, start_offset=len(echo))
         it = self._backend.generate(ctx.request_id, prompt_ids, params, ctx=ctx)
         if not req.stream:
-            outputs, usage = await self._collect(it, ctx, len(prompt_ids))
+            outputs, usage = await self._collect(self._open(it, ctx), len(prompt_ids))
             last = outputs[-1]
             logprobs = None
             if req.logprobs is not None:
@@ -302,15 +303,15 @@ class OpenAIServing(ServingBase):
                 "choices": [choice],
                 "usage": usage.to_dict(),
             }
-        first = await self._prime(it, ctx)
-        return self._completion_stream(req, response_id, ctx, it, first, echo, lp_builder, len(prompt_ids))
+        stream = self._open(it, ctx)
+        first = await self._prime(stream)
+        return self._completion_stream(req, response_id, stream, first, echo, lp_builder, len(prompt_ids))
 
     async def _completion_stream(
         self,
         req: CompletionRequest,
         response_id: str,
-        ctx: RequestContext,
-        it: AsyncIterator[RequestOutput],
+        stream: BackendStream,
         first: RequestOutput,
         echo: str,
         lp_builder: CompletionLogprobsBuilder,
@@ -359,18 +360,18 @@ class OpenAIServing(ServingBase):
                     break
                 if out.new_text or (lp is not None and lp["tokens"]):
                     yield chunk(out.new_text, lp)
-                out = await self._next(it, ctx, self._output_timeout)
+                out = await stream.next(self._output_timeout)
             done = True
             yield SSE_DONE
         except PdserveError as exc:
             yield sse_event(exc.to_openai())
             yield SSE_DONE
         except Exception:
-            logger.exception("completion stream %s failed", ctx.request_id)
+            logger.exception("completion stream %s failed", stream.ctx.request_id)
             yield sse_event(INTERNAL_ERROR_BODY)
             yield SSE_DONE
         finally:
-            await self._close(it, ctx, done)
+            await stream.close(done)
 
 
 def _overrides(req: ChatCompletionRequest | CompletionRequest) -> dict[str, Any]:

@@ -4,26 +4,25 @@
 Backend-stream lifecycle every endpoint follows:
 
 1. ``generate(...)`` returns an async iterator; nothing runs until the first ``anext``.
-2. Every ``anext`` is bounded: ``first_output_timeout_s`` for the first delta (queueing + prefill),
-   ``output_timeout_s`` between deltas, and the request deadline when the context has one. A
-   timeout raises :class:`RequestTimeoutError` (408); a stream that stops without a ``finished``
-   delta raises :class:`WorkerError` (502).
+2. It is wrapped in a :class:`BackendStream`; every wait is bounded: ``first_output_timeout_s``
+   for the first delta (queueing + prefill), ``output_timeout_s`` between deltas, and the request
+   deadline when the context has one (408 on expiry; 502 for a stream without a final delta).
 3. Streaming endpoints await the first delta before returning their SSE iterator (``_prime``), so
    early failures are HTTP statuses, not error events.
-4. Whatever happens, ``_close`` runs: on an abnormal exit it cancels the context first, then closes
-   the iterator (bounded by ``close_timeout_s``) so the backend's ``finally`` frees its resources.
+4. Whatever happens, ``BackendStream.close`` runs: on an abnormal exit it cancels the context
+   first, then closes the iterator so the backend's ``finally`` frees its resources.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any, Protocol
 
 from pdserve.api.backend import BootstrapInfo, GenerateBackend, RequestContext
+from pdserve.api.backend_stream import BackendStream
 from pdserve.engine.outputs import RequestOutput
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.errors import (
@@ -31,7 +30,6 @@ from pdserve.errors import (
     ConfigError,
     ContextLengthError,
     ModelNotFoundError,
-    RequestTimeoutError,
     WorkerError,
 )
 
@@ -188,33 +186,19 @@ class ServingBase:
             return "tool_calls"
         return reason
 
-    async def _next(
-        self, it: AsyncIterator[RequestOutput], ctx: RequestContext, timeout_s: float
-    ) -> RequestOutput:
-        """The next delta; a backend that stops without a final (``finished``) delta is an error."""
-        left = ctx.time_left()
-        if left is not None:
-            timeout_s = min(timeout_s, left)
-        cm = asyncio.timeout(max(timeout_s, 0.0))
-        try:
-            async with cm:
-                return await anext(it)
-        except StopAsyncIteration:
-            raise WorkerError("backend stream ended without a final output") from None
-        except TimeoutError as exc:
-            if cm.expired():
-                raise RequestTimeoutError(f"no output from the backend within {timeout_s:.1f} s") from exc
-            raise
+    def _open(self, it: AsyncIterator[RequestOutput], ctx: RequestContext) -> BackendStream:
+        return BackendStream(it, ctx, close_timeout_s=self._close_timeout)
 
-    async def _prime(self, it: AsyncIterator[RequestOutput], ctx: RequestContext) -> RequestOutput:
+    async def _prime(self, stream: BackendStream) -> RequestOutput:
+        """The first delta of a streamed request (closing the stream if it fails)."""
         try:
-            return await self._next(it, ctx, self._first_timeout)
+            return await stream.next(self._first_timeout)
         except BaseException:
-            await self._close(it, ctx, False)
+            await stream.close(False)
             raise
 
     async def _collect(
-        self, it: AsyncIterator[RequestOutput], ctx: RequestContext, prompt_len: int
+        self, stream: BackendStream, prompt_len: int
     ) -> tuple[list[RequestOutput], UsageCounter]:
         """All deltas of a non-streaming request (the last one is ``finished``)."""
         outputs: list[RequestOutput] = []
@@ -223,31 +207,16 @@ class ServingBase:
         try:
             timeout = self._first_timeout
             while True:
-                out = await self._next(it, ctx, timeout)
+                out = await stream.next(timeout)
                 usage.add(out)
                 outputs.append(out)
                 if out.finished:
                     break
                 timeout = self._output_timeout
+            ctx = stream.ctx
             if outputs[-1].finish_reason == "abort" and ctx.cancelled:
                 raise AbortedError(f"request {ctx.request_id} was cancelled: {ctx.cancel_reason}")
             done = True
         finally:
-            await self._close(it, ctx, done)
+            await stream.close(done)
         return outputs, usage
-
-    async def _close(self, it: AsyncIterator[RequestOutput], ctx: RequestContext, done: bool) -> None:
-        if not done:
-            ctx.cancel("request ended early")
-        aclose: Callable[[], Any] | None = getattr(it, "aclose", None)
-        if aclose is None:
-            return
-        try:
-            async with asyncio.timeout(self._close_timeout):
-                await aclose()
-        except TimeoutError:
-            logger.warning(
-                "closing the backend stream of %s timed out after %.1f s", ctx.request_id, self._close_timeout
-            )
-        except Exception:
-            logger.exception("closing the backend stream of %s failed", ctx.request_id)

@@ -18,7 +18,7 @@ from typing import Any
 import jinja2.sandbox
 from fastapi import FastAPI
 
-from pdserve.api.backend import GenerateBackend, RequestContext
+from pdserve.api.backend import ChatTokenizer, GenerateBackend, RequestContext
 from pdserve.api.errors import BodySizeLimitMiddleware, install_error_handlers
 from pdserve.api.native_serving import NativeServing
 from pdserve.api.routes import api_router
@@ -127,7 +127,7 @@ class ScriptedBackend:
     (until cancelled) before that piece. Logprobs are synthesised when the params ask for them.
     """
 
-    tokenizer: CharTokenizer
+    tokenizer: ChatTokenizer
     pieces: list[str] = field(default_factory=lambda: ["Hello", " world"])
     finish_reason: str = "stop"
     matched_stop: int | str | None = None
@@ -187,7 +187,7 @@ class ScriptedBackend:
 
 def make_app(
     backend: GenerateBackend,
-    tokenizer: CharTokenizer | None = None,
+    tokenizer: ChatTokenizer | None = None,
     *,
     model: str = "glm-test",
     model_max_len: int = 4096,

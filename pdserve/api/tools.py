@@ -96,50 +96,60 @@ class ToolValidator:
 
     def __init__(self, cache_size: int = 1024) -> None:
         self._cache_size = cache_size
-        self._schema_ok: OrderedDict[bytes, str | None] = OrderedDict()
+        # definition -> (template tool, string params) or the schema error message
+        self._cache: OrderedDict[bytes, tuple[dict[str, Any], frozenset[str]] | str] = OrderedDict()
 
     def validate(self, tools: Sequence[ToolDef]) -> ToolSet:
         out: list[dict[str, Any]] = []
         string_params: dict[str, frozenset[str]] = {}
         for i, tool in enumerate(tools):
             fn = tool.function
-            param = f"tools[{i}].function.name"
-            if not TOOL_NAME_RE.match(fn.name):
-                raise InvalidRequestError(
-                    f"invalid tool name {fn.name!r}: must match [a-zA-Z0-9_-] and be 1 to 64 characters",
-                    param=param,
-                )
             if fn.name in string_params:
+                param = f"tools[{i}].function.name"
                 raise InvalidRequestError(f"duplicate tool name {fn.name!r}", param=param)
-            schema = fn.parameters if fn.parameters is not None else _EMPTY_OBJECT_SCHEMA
-            self._check_schema(fn.name, schema, f"tools[{i}].function.parameters")
-            props = schema.get("properties")
-            props = props if isinstance(props, Mapping) else {}
-            string_params[fn.name] = frozenset(k for k, v in props.items() if is_string_schema(v))
-            function: dict[str, Any] = {"name": fn.name}
-            if fn.description is not None:
-                function["description"] = fn.description
-            function["parameters"] = schema
-            out.append({"type": "function", "function": function})
+            template_tool, strings = self._validate_one(fn.name, fn.description, fn.parameters, i)
+            out.append(template_tool)
+            string_params[fn.name] = strings
         return ToolSet(tools=tuple(out), string_params=string_params)
 
-    def _check_schema(self, name: str, schema: dict[str, Any], param: str) -> None:
-        try:
-            key = orjson.dumps(schema, option=orjson.OPT_SORT_KEYS)
-        except TypeError as exc:
+    def _validate_one(
+        self, name: str, description: str | None, parameters: dict[str, Any] | None, i: int
+    ) -> tuple[dict[str, Any], frozenset[str]]:
+        """One tool -> (its template dict, its string parameters); verdicts cached per definition."""
+        if not TOOL_NAME_RE.match(name):
             raise InvalidRequestError(
-                f"parameters of tool {name!r} are not JSON: {exc}", param=param
-            ) from exc
-        if key in self._schema_ok:
-            self._schema_ok.move_to_end(key)
-            error = self._schema_ok[key]
-        else:
+                f"invalid tool name {name!r}: must match [a-zA-Z0-9_-] and be 1 to 64 characters",
+                param=f"tools[{i}].function.name",
+            )
+        schema = parameters if parameters is not None else _EMPTY_OBJECT_SCHEMA
+        param = f"tools[{i}].function.parameters"
+        try:
+            key = orjson.dumps([name, description, schema], option=orjson.OPT_SORT_KEYS)
+        except TypeError as exc:
+            msg = f"parameters of tool {name!r} are not JSON: {exc}"
+            raise InvalidRequestError(msg, param=param) from exc
+        cached = self._cache.get(key)
+        if cached is None:
             error = self._schema_error(schema)
-            self._schema_ok[key] = error
-            if len(self._schema_ok) > self._cache_size:
-                self._schema_ok.popitem(last=False)
-        if error is not None:
-            raise InvalidRequestError(f"invalid JSON Schema for tool {name!r}: {error}", param=param)
+            if error is None:
+                props = schema.get("properties")
+                props = props if isinstance(props, Mapping) else {}
+                function: dict[str, Any] = {"name": name}
+                if description is not None:
+                    function["description"] = description
+                function["parameters"] = schema
+                strings = frozenset(k for k, v in props.items() if is_string_schema(v))
+                cached = ({"type": "function", "function": function}, strings)
+            else:
+                cached = error
+            self._cache[key] = cached
+            if len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(key)
+        if isinstance(cached, str):
+            raise InvalidRequestError(f"invalid JSON Schema for tool {name!r}: {cached}", param=param)
+        return cached
 
     @staticmethod
     def _schema_error(schema: dict[str, Any]) -> str | None:

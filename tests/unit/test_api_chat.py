@@ -17,8 +17,14 @@ from pdserve.errors import InvalidRequestError
 pytestmark = pytest.mark.unit
 
 TOOK = CharTokenizer()
-WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather",
-           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}  # fmt: skip
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    },
+}
 
 
 def req(**kw: Any) -> ChatCompletionRequest:
@@ -45,22 +51,40 @@ def test_enable_thinking_false_closes_the_think_block() -> None:
 
 
 def test_clear_thinking_passes_through() -> None:
-    msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "reasoning_content": "why"},
-            {"role": "user", "content": "q2"}]  # fmt: skip
+    msgs = [
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "a", "reasoning_content": "why"},
+        {"role": "user", "content": "q2"},
+    ]
     kept = renderer().render(req(messages=msgs, chat_template_kwargs={"clear_thinking": False})).text
     dropped = renderer().render(req(messages=msgs)).text
     assert "<think>why</think>" in kept and "why" not in dropped
 
 
 def test_message_conversion() -> None:
-    messages = ChatCompletionRequest.model_validate({"model": "m", "messages": [
-        {"role": "developer", "content": "sys"},
-        {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
-        {"role": "assistant", "content": None, "reasoning_content": "r", "tool_calls": [
-            {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "X"}'}},
-            {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Y"}}}]},
-        {"role": "tool", "content": "sunny", "tool_call_id": "c1"},
-    ]}).messages  # fmt: skip
+    messages = ChatCompletionRequest.model_validate(
+        {
+            "model": "m",
+            "messages": [
+                {"role": "developer", "content": "sys"},
+                {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "reasoning_content": "r",
+                    "tool_calls": [
+                        {
+                            "id": "c1",
+                            "type": "function",
+                            "function": {"name": "get_weather", "arguments": '{"city": "X"}'},
+                        },
+                        {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Y"}}},
+                    ],
+                },
+                {"role": "tool", "content": "sunny", "tool_call_id": "c1"},
+            ],
+        }
+    ).messages
     out = to_template_messages(messages)
     assert out[0] == {"role": "system", "content": "sys"}
     assert out[1] == {"role": "user", "content": "a\nb"}
@@ -72,8 +96,15 @@ def test_message_conversion() -> None:
 
 @pytest.mark.parametrize("arguments", ["{not json", "[1, 2]"])
 def test_bad_history_tool_arguments_are_400(arguments: str) -> None:
-    msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "tool_calls": [
-        {"id": "c", "type": "function", "function": {"name": "f", "arguments": arguments}}]}]  # fmt: skip
+    msgs = [
+        {"role": "user", "content": "q"},
+        {
+            "role": "assistant",
+            "tool_calls": [
+                {"id": "c", "type": "function", "function": {"name": "f", "arguments": arguments}}
+            ],
+        },
+    ]
     with pytest.raises(InvalidRequestError) as info:
         renderer().render(req(messages=msgs))
     assert info.value.details["param"] == "messages[1].tool_calls[0].function.arguments"
@@ -109,7 +140,10 @@ def test_tool_choice_named_forces_that_function(fmt: str) -> None:
     ("kw", "param"),
     [
         ({"tool_choice": "required"}, "tool_choice"),
-        ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+        (
+            {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+            "tool_choice",
+        ),
         ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools[0].function.name"),
     ],
 )
@@ -128,7 +162,9 @@ def test_forced_choice_without_a_tool_parser_is_400() -> None:
 
 def test_template_that_leaves_think_open_gets_closed_before_a_forced_call() -> None:
     tok = CharTokenizer(template="{{ messages[0].content }}<|assistant|><think>")
-    p = ChatRenderer(tok, tool_format=TOOL_FORMATS["glm47"]).render(req(tools=[WEATHER], tool_choice="required"))
+    p = ChatRenderer(tok, tool_format=TOOL_FORMATS["glm47"]).render(
+        req(tools=[WEATHER], tool_choice="required")
+    )
     assert p.text.endswith("<|assistant|><think></think><tool_call>")
     assert p.reasoning_start == "content"
     open_p = ChatRenderer(tok, tool_format=TOOL_FORMATS["glm47"]).render(req())
@@ -143,8 +179,10 @@ def test_template_errors_are_400() -> None:
 
 def test_output_processor_reasoning_then_tool_call() -> None:
     p = renderer().render(req(tools=[WEATHER]))
-    text = "<think>I should call it.</think>\nSure.\n<tool_call>get_weather\n<arg_key>city</arg_key>\n" \
-           "<arg_value>Paris</arg_value>\n</tool_call>"  # fmt: skip
+    text = (
+        "<think>I should call it.</think>\nSure.\n<tool_call>get_weather\n<arg_key>city</arg_key>\n"
+        "<arg_value>Paris</arg_value>\n</tool_call>"
+    )
     for chunks in ([text], list(text)):
         proc = ChatOutputProcessor(p, Glm45ReasoningParser)
         parts = [proc.feed(c) for c in chunks] + [proc.finish()]

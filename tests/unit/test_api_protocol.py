@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from pydantic import BaseModel
 
-from pdserve.api.errors import BodySizeLimitMiddleware, install_error_handlers
+from pdserve.api.errors import BodySizeLimitMiddleware
 from pdserve.api.protocol import ChatCompletionRequest, error_param, parse_request
 from pdserve.api.responses import ErrorResponse
 from pdserve.api.testing import CharTokenizer, ScriptedBackend, make_app
@@ -77,8 +77,11 @@ def assert_error(resp: Any, status: int, param: str | None = None, fragment: str
         (chat(presence_penalty=0.5), "presence_penalty", "not supported"),
         (chat(frequency_penalty=-1), "frequency_penalty", "not supported"),
         (chat(messages=[{"role": "robot", "content": "x"}]), "messages[0].role", ""),
-        (chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "u"}}]}]),
-         "messages[0].content[0].type", ""),
+        (
+            chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "u"}}]}]),
+            "messages[0].content[0].type",
+            "",
+        ),
         (chat(messages=[{"role": "user"}]), "messages[0]", "content is required"),
         (chat(logprobs=False, top_logprobs=2), "top_logprobs", "requires logprobs"),
         (chat(logprobs=True, top_logprobs=21), "top_logprobs", ""),
@@ -91,27 +94,47 @@ def assert_error(resp: Any, status: int, param: str | None = None, fragment: str
         (chat(chat_template_kwargs={"enable_thinking": "no"}), "chat_template_kwargs.enable_thinking", ""),
         (chat(tool_choice="sometimes"), "tool_choice", ""),
         (chat(tool_choice="required"), "tool_choice", "requires a non-empty tools"),
-        (chat(tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object",
-              "properties": {"a": {"type": 5}}}}}]), "tools[0].function.parameters", "invalid JSON Schema"),
+        (
+            chat(
+                tools=[
+                    {
+                        "type": "function",
+                        "function": {
+                            "name": "f",
+                            "parameters": {"type": "object", "properties": {"a": {"type": 5}}},
+                        },
+                    }
+                ]
+            ),
+            "tools[0].function.parameters",
+            "invalid JSON Schema",
+        ),
         (chat(bootstrap_host="10.0.0.1"), "bootstrap_room", "go together"),
         (chat(bootstrap_host="h", bootstrap_room=-1), "bootstrap_room", ""),
         (chat(bootstrap_host="h", bootstrap_room=1, bootstrap_port=70000), "bootstrap_port", ""),
         (chat(max_tokens=250), "max_tokens", "maximum context length"),
         (chat(messages=[{"role": "user", "content": "x" * 300}]), "messages", "maximum context length"),
     ],
-)  # fmt: skip
-def test_chat_validation_errors_are_400(client: TestClient, body: dict[str, Any], param: str, fragment: str) -> None:
+)
+def test_chat_validation_errors_are_400(
+    client: TestClient, body: dict[str, Any], param: str, fragment: str
+) -> None:
     assert_error(client.post("/v1/chat/completions", json=body), 400, param, fragment)
 
 
 def test_context_length_error_type(client: TestClient) -> None:
-    err = assert_error(client.post("/v1/chat/completions", json=chat(max_completion_tokens=1000)), 400,
-                       "max_completion_tokens")  # fmt: skip
+    err = assert_error(
+        client.post("/v1/chat/completions", json=chat(max_completion_tokens=1000)),
+        400,
+        "max_completion_tokens",
+    )
     assert err["type"] == "invalid_request_error"
 
 
 def test_unknown_fields_are_ignored(client: TestClient) -> None:
-    resp = client.post("/v1/chat/completions", json=chat(some_future_field={"a": 1}, logit_bias=None, user="u"))
+    resp = client.post(
+        "/v1/chat/completions", json=chat(some_future_field={"a": 1}, logit_bias=None, user="u")
+    )
     assert resp.status_code == 200, resp.text
 
 
@@ -132,8 +155,12 @@ def test_non_object_body_is_400(client: TestClient) -> None:
 
 def test_fastapi_body_validation_is_400_not_422(client: TestClient) -> None:
     assert_error(client.post("/typed", json={"x": "nope"}), 400, "x")
-    assert_error(client.post("/typed", content=b"{oops", headers={"content-type": "application/json"}), 400,
-                 None, "malformed JSON")  # fmt: skip
+    assert_error(
+        client.post("/typed", content=b"{oops", headers={"content-type": "application/json"}),
+        400,
+        None,
+        "malformed JSON",
+    )
 
 
 def test_unknown_route_and_wrong_method(client: TestClient) -> None:
@@ -226,8 +253,9 @@ def test_native_validation_errors(client: TestClient, body: dict[str, Any], para
 
 
 def test_parse_request_directly() -> None:
-    req = parse_request(b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "extra": 1}',
-                        ChatCompletionRequest)  # fmt: skip
+    req = parse_request(
+        b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "extra": 1}', ChatCompletionRequest
+    )
     assert req.model_extra == {"extra": 1}
     with pytest.raises(InvalidRequestError):
         parse_request(b"[]", ChatCompletionRequest)

@@ -59,7 +59,9 @@ def test_non_streaming(text: str, start: StartState, reasoning: str, content: st
 
 
 @pytest.mark.parametrize(("text", "start", "reasoning", "content"), CASES)
-def test_every_split_point_and_char_by_char(text: str, start: StartState, reasoning: str, content: str) -> None:
+def test_every_split_point_and_char_by_char(
+    text: str, start: StartState, reasoning: str, content: str
+) -> None:
     for cut in range(len(text) + 1):
         r, c, _ = _stream(text, start, [text[:cut], text[cut:]])
         assert (r, c) == (reasoning, content), cut

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -19,17 +22,33 @@ from pdserve.api.responses import (
 )
 from pdserve.api.serving import OpenAIServing
 from pdserve.api.testing import CharTokenizer, ScriptedBackend, make_app
-from pdserve.errors import OverloadedError, RequestTimeoutError
+from pdserve.engine.outputs import RequestOutput
+from pdserve.errors import OverloadedError, RequestTimeoutError, WorkerError
 
 pytestmark = pytest.mark.unit
 
 TOK = CharTokenizer()
 MODEL = "glm-test"
-WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object",
-           "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}}}}  # fmt: skip
-TOOL_OUTPUT = ["<think>Need", " weather.</think>", "\nChecking.", "\n<tool_call>get_", "weather\n<arg_key>city",
-               "</arg_key>\n<arg_value>Par", "is</arg_value>\n<arg_key>days</arg_key>\n<arg_value>2",
-               "</arg_value>\n</tool_call>"]  # fmt: skip
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+        },
+    },
+}
+TOOL_OUTPUT = [
+    "<think>Need",
+    " weather.</think>",
+    "\nChecking.",
+    "\n<tool_call>get_",
+    "weather\n<arg_key>city",
+    "</arg_key>\n<arg_value>Par",
+    "is</arg_value>\n<arg_key>days</arg_key>\n<arg_value>2",
+    "</arg_value>\n</tool_call>",
+]
 
 
 def client_for(backend: ScriptedBackend, **kw: Any) -> TestClient:
@@ -51,7 +70,7 @@ def sse(resp: Any) -> list[Any]:
     payloads = []
     for ev in events[:-1]:
         assert ev.startswith("data: ") and "\n" not in ev, ev
-        payloads.append(ev[len("data: "):])
+        payloads.append(ev[len("data: ") :])
     assert payloads[-1] == "[DONE]" and "[DONE]" not in payloads[:-1]
     return [json.loads(p) for p in payloads[:-1]]
 
@@ -72,15 +91,30 @@ def test_chat_non_streaming() -> None:
     assert resp.usage.prompt_tokens == len(call.prompt_ids)
     assert resp.usage.completion_tokens == len("Hello there")
     assert resp.usage.total_tokens == resp.usage.prompt_tokens + resp.usage.completion_tokens
-    assert resp.usage.prompt_tokens_details is not None and resp.usage.prompt_tokens_details.cached_tokens == 3
+    assert (
+        resp.usage.prompt_tokens_details is not None and resp.usage.prompt_tokens_details.cached_tokens == 3
+    )
     assert call.closed and not call.cancelled_seen
 
 
 def test_chat_sampling_params_and_context() -> None:
     backend = ScriptedBackend(TOK)
-    body = chat_body(temperature=0.2, top_p=0.9, top_k=5, min_p=0.1, seed=7, stop="END", max_tokens=12,
-                     rid="req-1", bootstrap_host="10.0.0.2", bootstrap_port=8998, bootstrap_room=42,
-                     routed_dp_rank=1, stop_token_ids=[3], ignore_eos=True)  # fmt: skip
+    body = chat_body(
+        temperature=0.2,
+        top_p=0.9,
+        top_k=5,
+        min_p=0.1,
+        seed=7,
+        stop="END",
+        max_tokens=12,
+        rid="req-1",
+        bootstrap_host="10.0.0.2",
+        bootstrap_port=8998,
+        bootstrap_room=42,
+        routed_dp_rank=1,
+        stop_token_ids=[3],
+        ignore_eos=True,
+    )
     with client_for(backend, sampling_defaults={"temperature": 0.6, "top_p": 0.95}) as c:
         assert c.post("/v1/chat/completions", json=body).json()["id"] == "chatcmpl-req-1"
         c.post("/v1/chat/completions", json=chat_body())
@@ -89,9 +123,16 @@ def test_chat_sampling_params_and_context() -> None:
     assert p.stop == ["END"] and p.stop_token_ids == [3] and p.ignore_eos and p.logprobs is None
     assert p.skip_special_tokens is False  # the reasoning parser needs the think tags
     ctx = backend.calls[0].ctx
-    assert ctx.request_id == "req-1" and ctx.prompt_text is not None and ctx.prompt_text.endswith("<|assistant|>")
+    assert (
+        ctx.request_id == "req-1"
+        and ctx.prompt_text is not None
+        and ctx.prompt_text.endswith("<|assistant|>")
+    )
     assert ctx.bootstrap is not None and (ctx.bootstrap.host, ctx.bootstrap.port, ctx.bootstrap.room) == (
-        "10.0.0.2", 8998, 42)  # fmt: skip
+        "10.0.0.2",
+        8998,
+        42,
+    )
     assert ctx.extras == {"routed_dp_rank": 1}
     d = backend.calls[1].params
     assert (d.temperature, d.top_p) == (0.6, 0.95)  # server defaults
@@ -155,7 +196,9 @@ def test_chat_streaming_include_usage() -> None:
 
 def test_chat_length_finish_and_matched_stop() -> None:
     with client_for(ScriptedBackend(TOK, pieces=["x"], finish_reason="length")) as c:
-        assert c.post("/v1/chat/completions", json=chat_body()).json()["choices"][0]["finish_reason"] == "length"
+        assert (
+            c.post("/v1/chat/completions", json=chat_body()).json()["choices"][0]["finish_reason"] == "length"
+        )
     with client_for(ScriptedBackend(TOK, pieces=["x"], matched_stop="END")) as c:
         choice = c.post("/v1/chat/completions", json=chat_body()).json()["choices"][0]
     assert choice["finish_reason"] == "stop" and choice["matched_stop"] == "END"
@@ -167,8 +210,12 @@ def test_chat_logprobs(stream: bool) -> None:
     with client_for(backend) as c:
         resp = c.post("/v1/chat/completions", json=chat_body(logprobs=True, top_logprobs=2, stream=stream))
         if stream:
-            entries = [e for ch in sse(resp) if ch["choices"][0]["logprobs"]
-                       for e in ch["choices"][0]["logprobs"]["content"]]  # fmt: skip
+            entries = [
+                e
+                for ch in sse(resp)
+                if ch["choices"][0]["logprobs"]
+                for e in ch["choices"][0]["logprobs"]["content"]
+            ]
         else:
             entries = resp.json()["choices"][0]["logprobs"]["content"]
     assert backend.calls[0].params.logprobs == 2
@@ -183,7 +230,12 @@ def test_chat_thinking_disabled_gives_plain_content() -> None:
     body = chat_body(chat_template_kwargs={"enable_thinking": False})
     with client_for(backend) as c:
         msg = c.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]
-    assert msg == {"role": "assistant", "content": "Just the answer", "reasoning_content": None, "tool_calls": None}
+    assert msg == {
+        "role": "assistant",
+        "content": "Just the answer",
+        "reasoning_content": None,
+        "tool_calls": None,
+    }
 
 
 def test_separate_reasoning_false_keeps_think_in_content() -> None:
@@ -206,15 +258,23 @@ def test_completion_non_streaming_with_echo_and_logprobs() -> None:
     assert choice.text == "Say:abc" and choice.finish_reason == "stop"
     assert choice.logprobs is not None and choice.logprobs.tokens == ["a", "b", "c"]
     assert choice.logprobs.text_offset == [4, 5, 6]
-    assert choice.logprobs.top_logprobs == [{"a": pytest.approx(-0.1)}, {"b": pytest.approx(-0.2)},
-                                            {"c": pytest.approx(-0.1)}]  # fmt: skip
+    assert choice.logprobs.top_logprobs == [
+        {"a": pytest.approx(-0.1)},
+        {"b": pytest.approx(-0.2)},
+        {"c": pytest.approx(-0.1)},
+    ]
     assert resp.id.startswith("cmpl-") and resp.usage is not None and resp.usage.prompt_tokens == 4
     assert backend.calls[0].params.max_tokens == 5 and backend.calls[0].params.skip_special_tokens
 
 
 def test_completion_streaming_token_id_prompt() -> None:
     backend = ScriptedBackend(TOK, pieces=["x", "y"])
-    body = {"model": MODEL, "prompt": [100, 101, 102], "stream": True, "stream_options": {"include_usage": True}}
+    body = {
+        "model": MODEL,
+        "prompt": [100, 101, 102],
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     with client_for(backend) as c:
         chunks = sse(c.post("/v1/completions", json=body))
     assert backend.calls[0].prompt_ids == [100, 101, 102]
@@ -334,3 +394,41 @@ async def test_context_cancel_and_wait() -> None:
 
     ctx2 = RequestContext(disconnect_check=disconnected)
     assert await ctx2.is_cancelled() and ctx2.cancel_reason == "client disconnected"
+
+
+class _StubbornBackend:
+    """Swallows the cancellation of a timed-out wait and/or hangs while being closed."""
+
+    def __init__(self, *, swallow: bool, hang_on_close: bool) -> None:
+        self.swallow, self.hang_on_close = swallow, hang_on_close
+        self.closed = False
+
+    async def generate(
+        self, request_id: str, prompt_ids: list[int], params: Any, *, ctx: RequestContext
+    ) -> AsyncIterator[RequestOutput]:
+        try:
+            yield RequestOutput(request_id, [1], "a")
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                if self.swallow:
+                    raise WorkerError("converted cancellation") from None
+                raise
+            yield RequestOutput(request_id, [2], "b", finished=True, finish_reason="stop")
+        finally:
+            if self.hang_on_close:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.sleep(30)
+            self.closed = True
+
+
+@pytest.mark.parametrize(("swallow", "hang_on_close"), [(True, False), (False, True), (True, True)])
+async def test_timeouts_hold_against_stubborn_backends(swallow: bool, hang_on_close: bool) -> None:
+    backend = _StubbornBackend(swallow=swallow, hang_on_close=hang_on_close)
+    serving = OpenAIServing(
+        backend, TOK, served_model_name=MODEL, model_max_len=4096, output_timeout_s=0.05, close_timeout_s=0.05
+    )
+    with pytest.raises(RequestTimeoutError):
+        await serving.chat(ChatCompletionRequest.model_validate(chat_body()))
+    assert backend.closed
+    assert asyncio.current_task() is not None and asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]

@@ -43,8 +43,10 @@ WEATHER = {
         },
     },
 }
-SEARCH = {"type": "function", "function": {"name": "search", "parameters": {"type": "object",
-          "properties": {"q": {"type": "string"}}}}}  # fmt: skip
+SEARCH = {
+    "type": "function",
+    "function": {"name": "search", "parameters": {"type": "object", "properties": {"q": {"type": "string"}}}},
+}
 
 
 def toolset(*tools: dict[str, Any]) -> ToolSet:
@@ -65,43 +67,99 @@ def glm45(name: str, args: list[tuple[str, str]]) -> str:
 
 
 def glm47(name: str, args: list[tuple[str, str]]) -> str:
-    return f"<tool_call>{name}" + "".join(f"<arg_key>{k}</arg_key><arg_value>{v}</arg_value>" for k, v in args) + (
-        "</tool_call>"
+    return (
+        f"<tool_call>{name}"
+        + "".join(f"<arg_key>{k}</arg_key><arg_value>{v}</arg_value>" for k, v in args)
+        + ("</tool_call>")
     )
 
 
 CASES: list[tuple[str, str, list[tuple[str, dict[str, Any]]]]] = [
     # output text, expected content, expected [(name, arguments)]
     ("Just text, no calls.", "Just text, no calls.", []),
-    ("Let me check.\n" + glm45("get_weather", [("city", "Paris"), ("days", "3")]), "Let me check.",
-     [("get_weather", {"city": "Paris", "days": 3})]),
-    (glm47("get_weather", [("city", "Paris"), ("days", "3")]), "", [("get_weather", {"city": "Paris", "days": 3})]),
-    (glm45("get_weather", [("city", "Rome")]) + "\n" + glm45("search", [("q", "pizza")]), "",
-     [("get_weather", {"city": "Rome"}), ("search", {"q": "pizza"})]),
-    (glm47("search", [("q", "a")]) + glm47("search", [("q", "b")]) + glm47("search", [("q", "c")]), "",
-     [("search", {"q": "a"}), ("search", {"q": "b"}), ("search", {"q": "c"})]),
-    (glm45("get_weather", [("zip", "02139"), ("days", "007x"), ("units", "c"), ("opts", '{"a": [1, 2]}'),
-                           ("tags", '["x", "y"]'), ("exact", "true"), ("note", "null")]), "",
-     [("get_weather", {"zip": "02139", "days": "007x", "units": "c", "opts": {"a": [1, 2]}, "tags": ["x", "y"],
-                       "exact": True, "note": "null"})]),
-    (glm45("get_weather", [("city", 'say "hi"\\ <b>&\n\ttab'), ("city2", "1.5")]), "",
-     [("get_weather", {"city": 'say "hi"\\ <b>&\n\ttab', "city2": 1.5})]),
-    (glm45("search", [("q", "</arg_val> and <arg_value> inside")]), "",
-     [("search", {"q": "</arg_val> and <arg_value> inside"})]),
+    (
+        "Let me check.\n" + glm45("get_weather", [("city", "Paris"), ("days", "3")]),
+        "Let me check.",
+        [("get_weather", {"city": "Paris", "days": 3})],
+    ),
+    (
+        glm47("get_weather", [("city", "Paris"), ("days", "3")]),
+        "",
+        [("get_weather", {"city": "Paris", "days": 3})],
+    ),
+    (
+        glm45("get_weather", [("city", "Rome")]) + "\n" + glm45("search", [("q", "pizza")]),
+        "",
+        [("get_weather", {"city": "Rome"}), ("search", {"q": "pizza"})],
+    ),
+    (
+        glm47("search", [("q", "a")]) + glm47("search", [("q", "b")]) + glm47("search", [("q", "c")]),
+        "",
+        [("search", {"q": "a"}), ("search", {"q": "b"}), ("search", {"q": "c"})],
+    ),
+    (
+        glm45(
+            "get_weather",
+            [
+                ("zip", "02139"),
+                ("days", "007x"),
+                ("units", "c"),
+                ("opts", '{"a": [1, 2]}'),
+                ("tags", '["x", "y"]'),
+                ("exact", "true"),
+                ("note", "null"),
+            ],
+        ),
+        "",
+        [
+            (
+                "get_weather",
+                {
+                    "zip": "02139",
+                    "days": "007x",
+                    "units": "c",
+                    "opts": {"a": [1, 2]},
+                    "tags": ["x", "y"],
+                    "exact": True,
+                    "note": "null",
+                },
+            )
+        ],
+    ),
+    (
+        glm45("get_weather", [("city", 'say "hi"\\ <b>&\n\ttab'), ("city2", "1.5")]),
+        "",
+        [("get_weather", {"city": 'say "hi"\\ <b>&\n\ttab', "city2": 1.5})],
+    ),
+    (
+        glm45("search", [("q", "</arg_val> and <arg_value> inside")]),
+        "",
+        [("search", {"q": "</arg_val> and <arg_value> inside"})],
+    ),
     (glm45("search", []), "", [("search", {})]),
     (glm47("search", []), "", [("search", {})]),
     (glm45("unknown_tool", [("x", "42"), ("y", "hello")]), "", [("unknown_tool", {"x": 42, "y": "hello"})]),
-    ("Before " + glm47("search", [("q", "天气 ✓")]) + "\n\nAfter text.", "Before \n\nAfter text.",
-     [("search", {"q": "天气 ✓"})]),
+    (
+        "Before " + glm47("search", [("q", "天气 ✓")]) + "\n\nAfter text.",
+        "Before \n\nAfter text.",
+        [("search", {"q": "天气 ✓"})],
+    ),
     ("a < b and <tool_c is not a call", "a < b and <tool_c is not a call", []),
     (glm45("search", [("q", "x")]) + "<tool_call>trunc", "", [("search", {"q": "x"})]),
-    ("<tool_call>search\n<arg_key>q</arg_key>\n<arg_value>cut off mid val", "", [("search", {"q": "cut off mid val"})]),
+    (
+        "<tool_call>search\n<arg_key>q</arg_key>\n<arg_value>cut off mid val",
+        "",
+        [("search", {"q": "cut off mid val"})],
+    ),
     ("<tool_call>get_weather\n<arg_key>days</arg_key>\n<arg_value>12", "", [("get_weather", {"days": 12})]),
-    ("<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>X</arg_value>\n<arg_key>da", "",
-     [("get_weather", {"city": "X"})]),
+    (
+        "<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>X</arg_value>\n<arg_key>da",
+        "",
+        [("get_weather", {"city": "X"})],
+    ),
     ("<tool_call>search<arg_key>q</arg_key></tool_call>", "", [("search", {})]),
     ("   \n", "   \n", []),
-]  # fmt: skip
+]
 
 
 def check_result(content: str, calls: list[dict[str, Any]], exp_content: str, expected: list[Any]) -> None:
@@ -111,7 +169,9 @@ def check_result(content: str, calls: list[dict[str, Any]], exp_content: str, ex
     assert len({c["id"] for c in calls}) == len(calls)
 
 
-def stream(text: str, chunks: list[str], tools: ToolSet = TOOLS, **kw: Any) -> tuple[str, list[dict[str, Any]]]:
+def stream(
+    text: str, chunks: list[str], tools: ToolSet = TOOLS, **kw: Any
+) -> tuple[str, list[dict[str, Any]]]:
     parser = ToolCallParser(tools, id_factory=ids(), **kw)
     content, deltas = [], []
     for ch in chunks:
@@ -164,8 +224,12 @@ def test_string_arguments_stream_incrementally() -> None:
     parser = ToolCallParser(TOOLS, id_factory=ids())
     content, deltas = parser.feed("<tool_call>search\n<arg_key>q</arg_key>\n<arg_value>hello")
     assert content == ""
-    assert deltas[0] == {"index": 0, "id": "call_0", "type": "function",
-                         "function": {"name": "search", "arguments": ""}}  # fmt: skip
+    assert deltas[0] == {
+        "index": 0,
+        "id": "call_0",
+        "type": "function",
+        "function": {"name": "search", "arguments": ""},
+    }
     assert deltas[1] == {"index": 0, "function": {"arguments": '{"q":"hello'}}
     assert parser.feed(" wor")[1] == [{"index": 0, "function": {"arguments": " wor"}}]
     assert parser.feed("ld</arg_val")[1] == [{"index": 0, "function": {"arguments": "ld"}}]
@@ -183,7 +247,7 @@ def test_parallel_tool_calls_false_reports_only_the_first() -> None:
 @pytest.mark.parametrize("fmt", ["glm45", "glm47"])
 def test_forced_required_starts_inside_a_call(fmt: str) -> None:
     writer = glm45 if fmt == "glm45" else glm47
-    output = writer("search", [("q", "x")])[len("<tool_call>"):]
+    output = writer("search", [("q", "x")])[len("<tool_call>") :]
     for chunks in ([output], list(output)):
         content, calls = stream(output, chunks, start="name")
         check_result(content, calls, "", [("search", {"q": "x"})])
@@ -193,7 +257,7 @@ def test_forced_required_starts_inside_a_call(fmt: str) -> None:
 def test_forced_named_starts_inside_the_arguments(fmt: str) -> None:
     prefix = get_tool_format(fmt).forced_prefix("get_weather")
     full = (glm45 if fmt == "glm45" else glm47)("get_weather", [("city", "Oslo"), ("days", "2")])
-    output = ("\n" + full if fmt == "glm45" else full)[len(prefix):]
+    output = ("\n" + full if fmt == "glm45" else full)[len(prefix) :]
     for chunks in ([output], list(output), []):
         content, calls = stream(output, chunks, start="args", forced_name="get_weather")
         expected = {"city": "Oslo", "days": 2} if chunks else {}
@@ -220,12 +284,25 @@ def test_formats() -> None:
         ({"type": "function", "function": {"name": "x" * 65}}, "invalid tool name"),
         ({"type": "function", "function": {"name": ""}}, "invalid tool name"),
         ({"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}, "type 'object'"),
-        ({"type": "function", "function": {"name": "f", "parameters": {"type": "object",
-          "properties": {"a": {"type": "nonsense"}}}}}, "invalid JSON Schema"),
-        ({"type": "function", "function": {"name": "f", "parameters": {"type": "object", "required": "a"}}},
-         "invalid JSON Schema"),
+        (
+            {
+                "type": "function",
+                "function": {
+                    "name": "f",
+                    "parameters": {"type": "object", "properties": {"a": {"type": "nonsense"}}},
+                },
+            },
+            "invalid JSON Schema",
+        ),
+        (
+            {
+                "type": "function",
+                "function": {"name": "f", "parameters": {"type": "object", "required": "a"}},
+            },
+            "invalid JSON Schema",
+        ),
     ],
-)  # fmt: skip
+)
 def test_invalid_tools_are_400_with_the_reason(tool: dict[str, Any], fragment: str) -> None:
     with pytest.raises(InvalidRequestError) as info:
         toolset(tool)
@@ -242,17 +319,30 @@ def test_duplicate_tool_names_rejected() -> None:
 def test_schema_verdicts_are_cached_and_bounded() -> None:
     validator = ToolValidator(cache_size=2)
     for i in range(5):
-        tool = {"type": "function", "function": {"name": f"t{i}", "parameters": {"type": "object",
-                "properties": {f"p{i}": {"type": "string"}}}}}  # fmt: skip
+        tool = {
+            "type": "function",
+            "function": {
+                "name": f"t{i}",
+                "parameters": {"type": "object", "properties": {f"p{i}": {"type": "string"}}},
+            },
+        }
         ts = validator.validate([ToolDef.model_validate(tool)])
         assert ts.is_string_param(f"t{i}", f"p{i}")
-    assert len(validator._schema_ok) == 2
+    assert len(validator._cache) == 2
 
 
 def test_missing_parameters_default_to_empty_object() -> None:
     ts = toolset({"type": "function", "function": {"name": "ping", "description": "d"}})
-    assert ts.template_tools() == [{"type": "function", "function": {"name": "ping", "description": "d",
-                                    "parameters": {"type": "object", "properties": {}}}}]  # fmt: skip
+    assert ts.template_tools() == [
+        {
+            "type": "function",
+            "function": {
+                "name": "ping",
+                "description": "d",
+                "parameters": {"type": "object", "properties": {}},
+            },
+        }
+    ]
 
 
 @pytest.mark.parametrize(
@@ -277,8 +367,17 @@ def test_is_string_schema(schema: Any, expected: bool) -> None:
 
 @pytest.mark.parametrize(
     ("raw", "as_string", "expected"),
-    [("42", True, "42"), ("42", False, 42), (" 4.5 ", False, 4.5), ("abc", False, "abc"), ("", False, ""),
-     ("[1, 2]", False, [1, 2]), ("NaN", False, "NaN"), ('"quoted"', False, "quoted"), ("true", True, "true")],
-)  # fmt: skip
+    [
+        ("42", True, "42"),
+        ("42", False, 42),
+        (" 4.5 ", False, 4.5),
+        ("abc", False, "abc"),
+        ("", False, ""),
+        ("[1, 2]", False, [1, 2]),
+        ("NaN", False, "NaN"),
+        ('"quoted"', False, "quoted"),
+        ("true", True, "true"),
+    ],
+)
 def test_convert_value(raw: str, as_string: bool, expected: Any) -> None:
     assert convert_value(raw, as_string) == expected

@@ -140,6 +140,7 @@ def test_missing_dir(tmp_path: Path) -> None:
         ({"eos_token_id": 10**6}, "outside vocab"),
         ({"hidden_act": "gelu"}, "hidden_act"),
         ({"num_hidden_layers": 0}, "num_hidden_layers must be positive"),
+        ({"quantization_config": {"quant_method": "fp8"}}, r"quantized checkpoints \(fp8\)"),
     ],
 )
 def test_invalid_values(override: dict[str, Any], match: str) -> None:

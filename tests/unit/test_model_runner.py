@@ -152,3 +152,21 @@ def test_hook_error_propagates(runner: ModelRunner) -> None:
 
     with pytest.raises(RuntimeError, match="transfer failed at 0"):
         runner.run([SeqChunk([1, 2], 0, [0])], on_layer_done=hook)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu(ckpt: Path, runner: ModelRunner) -> None:
+    chunks = [SeqChunk(prompt(6, 9), 0, [0, 1, 2]), SeqChunk([3], 5, [4, 5])]
+    cpu = runner.run(chunks)
+    for dtype, tol in (("float32", 1e-3), ("bfloat16", None)):
+        gpu = ModelRunner(
+            None, ckpt, dtype=dtype, device="cuda", block_size=4, num_blocks=32, show_progress=False
+        )
+        assert gpu.kv_storage.is_cuda
+        out = gpu.run(chunks)
+        assert out.is_cuda and out.dtype == torch.float32
+        if tol is not None:
+            torch.testing.assert_close(out.cpu(), cpu, atol=tol, rtol=tol)
+        else:
+            assert torch.nn.functional.cosine_similarity(out.cpu(), cpu).min().item() > 0.99
