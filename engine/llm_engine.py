@@ -27,7 +27,7 @@ import itertools
 import logging
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -41,12 +41,19 @@ from pdserve.engine.outputs import RequestOutput, TokenLogprob
 from pdserve.engine.sampler import Sampler
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.scheduler import Scheduler
-from pdserve.engine.sequence import OutputProcessor, Sequence
+from pdserve.engine.sequence import (
+    ChunkSpan,
+    Completion,
+    OutputProcessor,
+    PrefillOutput,
+    PrefillResult,
+    Sequence,
+)
 from pdserve.errors import ConfigError, ContextLengthError, InvalidRequestError, PdserveError
 
 logger = logging.getLogger(__name__)
 
-LayerCallback = Callable[[int, list["ChunkSpan"]], None]
+LayerCallback = Callable[[int, list[ChunkSpan]], None]
 
 
 class Runner(Protocol):
@@ -83,37 +90,6 @@ class EngineStepError(PdserveError):
 
 
 @dataclass(frozen=True)
-class ChunkSpan:
-    """Tokens ``[start_pos, end_pos)`` of ``request_id`` computed by the current step."""
-
-    request_id: str
-    start_pos: int
-    end_pos: int
-    block_ids: list[int]
-
-
-@dataclass(frozen=True)
-class PrefillResult:
-    """What a PD prefill hands to the decode side once its prompt K/V are computed and held."""
-
-    request_id: str
-    first_token_id: int
-    first_logprob: float
-    first_top_logprobs: list[tuple[int, float]]
-    num_prompt_tokens: int
-    num_cached_tokens: int
-    block_ids: list[int]
-    finish_reason: str | None
-
-
-@dataclass
-class PrefillOutput(RequestOutput):
-    """The finished delta of a ``hold_kv`` request; its blocks stay held until ``release``."""
-
-    prefill: PrefillResult | None = None
-
-
-@dataclass(frozen=True)
 class EngineLoad:
     num_running: int
     num_waiting: int
@@ -125,20 +101,6 @@ class EngineLoad:
     num_held: int
     num_reserved: int
     num_preemptions: int  # since start
-
-
-@dataclass
-class Completion:
-    """A finished request's whole output (offline :meth:`LLMEngine.generate`)."""
-
-    request_id: str
-    prompt_ids: list[int]
-    output_ids: list[int] = field(default_factory=list)
-    text: str = ""
-    finish_reason: str | None = None
-    matched_stop: int | str | None = None
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    num_cached_tokens: int = 0
 
 
 class LLMEngine:

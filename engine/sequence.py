@@ -186,3 +186,49 @@ class OutputProcessor:
                     hold = k
                     break
         return hold
+
+
+# ---------------------------------------------------------------------- per-request results
+@dataclass(frozen=True)
+class ChunkSpan:
+    """Tokens ``[start_pos, end_pos)`` of ``request_id`` computed by the current step."""
+
+    request_id: str
+    start_pos: int
+    end_pos: int
+    block_ids: list[int]
+
+
+@dataclass(frozen=True)
+class PrefillResult:
+    """What a PD prefill hands to the decode side once its prompt K/V are computed and held."""
+
+    request_id: str
+    first_token_id: int
+    first_logprob: float
+    first_top_logprobs: list[tuple[int, float]]
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    block_ids: list[int]
+    finish_reason: str | None
+
+
+@dataclass
+class PrefillOutput(RequestOutput):
+    """The finished delta of a ``hold_kv`` request; its blocks stay held until ``release``."""
+
+    prefill: PrefillResult | None = None
+
+
+@dataclass
+class Completion:
+    """A finished request's whole output (offline :meth:`LLMEngine.generate`)."""
+
+    request_id: str
+    prompt_ids: list[int]
+    output_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    matched_stop: int | str | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    num_cached_tokens: int = 0

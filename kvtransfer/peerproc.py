@@ -107,7 +107,8 @@ class Peer:
     async def start(self) -> None:
         registry = CollectorRegistry()
         if self.args.role == "prefill":
-            storage = allocate_kv_storage(self.layout, self.args.num_blocks)
+            device = self.config.device if self.config.transport == "nccl" else "cpu"
+            storage = allocate_kv_storage(self.layout, self.args.num_blocks, device)
             self.prefill = PrefillTransferService(
                 self.config, self.layout, storage, registry=registry, port=self.args.port
             )

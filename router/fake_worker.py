@@ -82,6 +82,7 @@ class FakeWorker:
         self, settings: FakeSettings, host: str = "127.0.0.1", bootstrap_port: int | None = None
     ) -> None:
         self.s = settings
+        self._initial = dataclasses.replace(settings)
         self.host = host
         self.bootstrap = BootstrapServer(host, bootstrap_port) if bootstrap_port else None
         self.stats: dict[str, Any] = {}
@@ -263,9 +264,8 @@ class FakeWorker:
             return JSONResponse({**self.stats, "rooms": list(self.rooms), "open_rooms": rooms,
                                  "settings": dataclasses.asdict(s)})
 
-        @app.post("/fake/config")
-        async def config(request: Request) -> JSONResponse:
-            data = orjson.loads(await request.body())
+        def apply(raw: bytes) -> JSONResponse:
+            data = orjson.loads(raw) if raw else {}
             fields = {f.name for f in dataclasses.fields(FakeSettings)} - {"role"}
             unknown = set(data) - fields
             if unknown:
@@ -274,10 +274,17 @@ class FakeWorker:
                 setattr(s, k, v)
             return JSONResponse(dataclasses.asdict(s))
 
+        @app.post("/fake/config")
+        async def config(request: Request) -> JSONResponse:
+            return apply(await request.body())
+
         @app.post("/fake/reset")
-        async def reset() -> JSONResponse:
+        async def reset(request: Request) -> JSONResponse:
+            """Zero the counters, restore the start-up settings, then apply any given ones."""
             self.reset()
-            return JSONResponse({"ok": True})
+            for f in dataclasses.fields(FakeSettings):
+                setattr(s, f.name, getattr(self._initial, f.name))
+            return apply(await request.body())
 
         return app
 

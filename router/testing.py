@@ -24,11 +24,9 @@ import uvicorn
 from pdserve.errors import PdserveError
 from pdserve.router.bench_util import free_port, stop
 from pdserve.router.config import RouterConfig
-from pdserve.router.fake_worker import FakeSettings
 from pdserve.router.server import RouterApp
 
 LOCAL = "127.0.0.1"
-_DEFAULTS = {k: v for k, v in FakeSettings().__dict__.items() if k not in ("role", "model_path")}
 
 
 class FakeWorkerProcess:
@@ -72,11 +70,10 @@ class FakeWorkerProcess:
             r = await c.post(f"{self.url}/fake/config", json=settings)
             r.raise_for_status()
 
-    async def reset(self) -> None:
-        """Back to default settings and zero counters."""
-        await self.configure(**_DEFAULTS)
+    async def reset(self, **settings: Any) -> None:
+        """Zero counters and restore the start-up settings, then apply ``settings``."""
         async with httpx.AsyncClient(timeout=5.0) as c:
-            (await c.post(f"{self.url}/fake/reset")).raise_for_status()
+            (await c.post(f"{self.url}/fake/reset", json=settings)).raise_for_status()
 
     async def stats(self) -> dict[str, Any]:
         async with httpx.AsyncClient(timeout=5.0) as c:

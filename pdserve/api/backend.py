@@ -91,7 +91,7 @@ class RequestContext:
     deadline: float | None = None
     disconnect_check: Callable[[], Awaitable[bool]] | None = None
     cancel_reason: str | None = None
-    _cancel_event: asyncio.Event | None = None
+    _cancel_event: asyncio.Event | None = field(default=None, init=False, repr=False)
 
     def cancel(self, reason: str = "cancelled") -> None:
         """Mark the request cancelled (idempotent; the first reason wins)."""

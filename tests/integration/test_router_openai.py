@@ -34,8 +34,7 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[FakeWorkerPr
 @pytest.fixture
 async def router(pair: list[FakeWorkerProcess]) -> AsyncIterator[httpx.AsyncClient]:
     for w in pair:
-        await w.reset()
-        await w.configure(reply=REPLY)
+        await w.reset(reply=REPLY)
     async with running_router(workers=pair, tokenizer=CharTokenizer(), max_model_len=512, max_body_bytes=65536) as r, \
             httpx.AsyncClient(base_url=r.url, timeout=10) as c:
         yield c
