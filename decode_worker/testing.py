@@ -171,5 +171,6 @@ async def pd_stream(
         async with client.stream("POST", decode.url + path, json=full) as d_resp:
             yield d_resp, p_leg
     finally:
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(asyncio.shield(p_leg), 30.0)
+        await asyncio.wait({p_leg}, timeout=30.0)
+        if not p_leg.done():
+            p_leg.cancel()

@@ -51,6 +51,16 @@ from pdserve.engine.sequence import (
 )
 from pdserve.errors import ConfigError, ContextLengthError, InvalidRequestError, PdserveError
 
+__all__ = [
+    "ChunkSpan",
+    "Completion",
+    "EngineLoad",
+    "EngineStepError",
+    "LLMEngine",
+    "PrefillOutput",
+    "PrefillResult",
+]
+
 logger = logging.getLogger(__name__)
 
 LayerCallback = Callable[[int, list[ChunkSpan]], None]
@@ -436,23 +446,15 @@ def _build_runner(config: EngineConfig, model_dir: str, kv_storage: torch.Tensor
     from pdserve.engine.model_runner import ModelRunner
 
     mc = ModelConfig.from_dir(model_dir)
-    max_len = config.resolve_max_model_len(mc.max_position_embeddings)
-    layout = KVLayout(
-        num_layers=mc.num_hidden_layers,
-        num_kv_heads=mc.num_key_value_heads,
-        head_dim=mc.head_dim,
-        dtype=config.dtype,
-        block_size=config.block_size,
-    )
-    if kv_storage is not None:
-        if kv_storage.dim() != 6:
-            raise ConfigError(
-                f"kv_storage must have 6 dims {layout.storage_shape(0)}, got {list(kv_storage.shape)}"
-            )
-        num_blocks = int(kv_storage.shape[2])
-        config.check_pool(num_blocks, max_len)
+    if kv_storage is not None:  # the runner checks its exact shape, dtype and device
+        num_blocks = int(kv_storage.shape[2]) if kv_storage.dim() == 6 else 1
     else:
-        num_blocks = config.resolve_num_blocks(layout.block_nbytes, max_len)
+        itemsize = 4 if config.dtype == "float32" else 2
+        block_nbytes = (
+            2 * mc.num_hidden_layers * config.block_size * mc.num_key_value_heads * mc.head_dim * itemsize
+        )
+        max_len = config.resolve_max_model_len(mc.max_position_embeddings)
+        num_blocks = config.resolve_num_blocks(block_nbytes, max_len)
     return ModelRunner(
         mc,
         model_dir,

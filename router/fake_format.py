@@ -13,6 +13,8 @@ from typing import Any, Protocol
 
 import orjson
 
+from pdserve.errors import InvalidRequestError
+
 _VOCAB = 5000
 _BASE = 100
 
@@ -77,7 +79,10 @@ class FakeOutput:
             max_new = sp.get("max_new_tokens") if isinstance(sp, dict) else None
         else:
             max_new = req.get("max_completion_tokens") or req.get("max_tokens")
-        n = int(max_new) if isinstance(max_new, int) and max_new > 0 else s.num_tokens
+        if max_new is not None and (not isinstance(max_new, int) or isinstance(max_new, bool) or max_new < 1):
+            raise InvalidRequestError(f"max_new_tokens must be a positive integer, got {max_new!r}",
+                                      param="max_new_tokens")
+        n = max_new if isinstance(max_new, int) else s.num_tokens
         seed = zlib.crc32(key)
         if s.reply is not None:
             pieces = [s.reply[i : i + 3] for i in range(0, len(s.reply), 3)] or [""]

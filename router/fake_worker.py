@@ -106,6 +106,7 @@ class FakeWorker:
             req = orjson.loads(await read_body(scope, receive, 64 << 20))
             if not isinstance(req, dict):
                 raise InvalidRequestError("body must be a JSON object")
+            out = FakeOutput.from_request(fmt, req, self.s)
         except (orjson.JSONDecodeError, PdserveError) as exc:
             err = exc if isinstance(exc, PdserveError) else InvalidRequestError(f"bad JSON: {exc}")
             await send_bytes(send, err.http_status, orjson.dumps(err.to_openai()))
@@ -121,7 +122,7 @@ class FakeWorker:
         watch = _Watch(receive)
         st["active"] += 1
         try:
-            await self._generate(fmt, req, send)
+            await self._generate(out, req, send)
         except asyncio.CancelledError:
             if not watch.fired:
                 raise
@@ -133,9 +134,8 @@ class FakeWorker:
             watch.stop()
             st["active"] -= 1
 
-    async def _generate(self, fmt: str, req: dict[str, Any], send: Send) -> None:
+    async def _generate(self, out: FakeOutput, req: dict[str, Any], send: Send) -> None:
         s, st = self.s, self.stats
-        out = FakeOutput.from_request(fmt, req, s)
         if s.hang:
             await asyncio.sleep(3600)
         host, port, room = req.get("bootstrap_host"), req.get("bootstrap_port"), req.get("bootstrap_room")

@@ -91,7 +91,8 @@ class FakeWorkerProcess:
         while True:
             st = await self.stats()
             st["ended"] = st["aborted"] + st["peer_failed"]
-            if all(st.get(k, 0) >= v for k, v in expect.items()) and ("ended" not in expect or not st["active"]):
+            settled = "ended" not in expect or not st["active"]
+            if settled and all(st.get(k, 0) >= v for k, v in expect.items()):
                 return st
             if time.monotonic() > deadline:
                 raise AssertionError(f"{self.role} worker stats {st} never reached {expect}")

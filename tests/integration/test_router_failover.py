@@ -56,9 +56,9 @@ async def test_retry_uses_a_new_pair_and_a_new_room(workers: list[FakeWorkerProc
 async def test_breaker_opens_then_half_opens_and_closes(workers: list[FakeWorkerProcess]) -> None:
     p0, _, d, _ = workers
     await d.configure(fail_next=100, fail_status=500)
+    breaker = {"failure_threshold": 2, "success_threshold": 1, "open_timeout_s": 0.5}
     async with running_router(workers=[p0, d], retry={"max_retries": 0}, health={"enabled": False},
-                              breaker={"failure_threshold": 2, "success_threshold": 1, "open_timeout_s": 0.5}) as r, \
-            httpx.AsyncClient(base_url=r.url, timeout=10) as c:
+                              breaker=breaker) as r, httpx.AsyncClient(base_url=r.url, timeout=10) as c:
         for _ in range(2):
             assert (await c.post("/generate", json=BODY)).status_code == 500
         t0 = time.monotonic()
@@ -95,7 +95,8 @@ async def test_dynamic_registration(workers: list[FakeWorkerProcess]) -> None:
     p0, _, d, both = workers
     async with running_router() as r, httpx.AsyncClient(base_url=r.url, timeout=10) as c:
         assert (await c.post("/generate", json=BODY)).status_code == 503
-        res = await c.post("/workers", json={"url": p0.url, "role": "prefill", "bootstrap_port": p0.bootstrap_port})
+        res = await c.post("/workers", json={"url": p0.url, "role": "prefill",
+                                             "bootstrap_port": p0.bootstrap_port})
         assert res.status_code == 200 and res.json()["healthy"]
         res = await c.post("/workers", json={"url": d.url, "worker_type": "decode"})  # smg's field name
         assert res.status_code == 200

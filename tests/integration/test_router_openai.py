@@ -35,8 +35,8 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[FakeWorkerPr
 async def router(pair: list[FakeWorkerProcess]) -> AsyncIterator[httpx.AsyncClient]:
     for w in pair:
         await w.reset(reply=REPLY)
-    async with running_router(workers=pair, tokenizer=CharTokenizer(), max_model_len=512, max_body_bytes=65536) as r, \
-            httpx.AsyncClient(base_url=r.url, timeout=10) as c:
+    async with running_router(workers=pair, tokenizer=CharTokenizer(), max_model_len=512,
+                              max_body_bytes=65536) as r, httpx.AsyncClient(base_url=r.url, timeout=10) as c:
         yield c
 
 
@@ -50,7 +50,9 @@ async def test_models(router: httpx.AsyncClient) -> None:
     assert [m["id"] for m in data] == ["fake-model"]
 
 
-async def test_chat_json_with_reasoning_and_tool_calls(router: httpx.AsyncClient, pair: list[FakeWorkerProcess]) -> None:
+async def test_chat_json_with_reasoning_and_tool_calls(
+    router: httpx.AsyncClient, pair: list[FakeWorkerProcess]
+) -> None:
     res = await router.post("/v1/chat/completions", json=chat(tools=TOOLS))
     assert res.status_code == 200, res.text
     out = res.json()
@@ -73,9 +75,10 @@ async def test_chat_stream(router: httpx.AsyncClient) -> None:
     events = [e[6:] for e in res.content.split(b"\n") if e.startswith(b"data: ")]
     assert events[-1] == b"[DONE]"
     chunks = [orjson.loads(e) for e in events[:-1]]
-    reasoning = "".join(c["choices"][0]["delta"].get("reasoning_content") or "" for c in chunks if c["choices"])
-    content = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
-    calls = [tc for c in chunks if c["choices"] for tc in c["choices"][0]["delta"].get("tool_calls") or []]
+    deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
+    reasoning = "".join(d.get("reasoning_content") or "" for d in deltas)
+    content = "".join(d.get("content") or "" for d in deltas)
+    calls = [tc for d in deltas for tc in d.get("tool_calls") or []]
     assert reasoning == "check the weather" and content == "Let me look."
     assert "<tool_call>" not in content and calls and calls[0]["function"]["name"] == "get_weather"
     assert chunks[-1]["usage"]["completion_tokens"] > 0
@@ -118,14 +121,17 @@ async def test_bad_requests_are_openai_4xx(router: httpx.AsyncClient, path: str,
 
 
 async def test_malformed_and_oversize(router: httpx.AsyncClient) -> None:
-    res = await router.post("/v1/chat/completions", content=b"{oops", headers={"content-type": "application/json"})
+    res = await router.post("/v1/chat/completions", content=b"{oops",
+                            headers={"content-type": "application/json"})
     assert res.status_code == 400 and res.json()["error"]["type"] == "invalid_request_error"
     res = await router.post("/v1/chat/completions", content=b"{" + b" " * 70_000 + b"}")
     assert res.status_code == 413
     assert (await router.get("/v1/nothing")).status_code == 404
 
 
-async def test_stream_disconnect_aborts_the_legs(router: httpx.AsyncClient, pair: list[FakeWorkerProcess]) -> None:
+async def test_stream_disconnect_aborts_the_legs(
+    router: httpx.AsyncClient, pair: list[FakeWorkerProcess]
+) -> None:
     _, decode = pair
     await decode.configure(token_delay_s=0.2)
     async with router.stream("POST", "/v1/chat/completions", json=chat(stream=True)) as res:
