@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
+from types import FrameType
 from typing import Any
 
 from pdserve.errors import ConfigError
@@ -118,6 +120,10 @@ def worker_config_from_args(args: argparse.Namespace) -> Any:
     return WorkerConfig.build(**fields)
 
 
+def _terminated(signum: int, frame: FrameType | None) -> None:
+    logger.info("worker stopped by signal %d after a graceful shutdown", signum)
+
+
 def run_worker(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -135,7 +141,13 @@ def run_worker(args: argparse.Namespace) -> int:
         timeout_keep_alive=60, timeout_graceful_shutdown=int(max(1.0, args.graceful_timeout)),
     )  # fmt: skip
     server = uvicorn.Server(uv_config)
-    server.run()
+    # uvicorn re-raises a captured SIGTERM after its graceful shutdown; that shutdown is this
+    # worker's normal way out, so it exits 0 (SIGINT still ends as an interrupt).
+    previous = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        server.run()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if not server.started:
         raise ConfigError(
             f"the {config.role} worker did not start on {config.host}:{config.port} (see the log above)"

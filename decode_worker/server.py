@@ -10,8 +10,9 @@ app's lifespan (:class:`WorkerState`); nothing lives in module globals. Endpoint
 ``GET  /v1/models``            the served model (``owned_by: "sglang"``: smg uses SGLang PD)
 ``GET  /health``               200 while the engine thread runs, else 503
 ``GET  /health_generate``      a real one-token generation through the engine
-``GET  /get_model_info``       ``model_path`` = the local model directory
-``GET  /get_server_info``      role, bootstrap port, transport, page size, limits, load
+``GET  /get_model_info``       ``model_path`` = the local model directory (also ``/model_info``)
+``GET  /get_server_info``      role, bootstrap port, transport, page size, limits, load (also
+                               ``/server_info``, the name newer smg asks for first)
 ``GET  /get_load`` ``/load``   SGLang-style list of per-rank loads (+ KV blocks, usage, transport)
 ``GET  /version``              pdserve's version
 ``GET  /metrics``              Prometheus text of this app's registry
@@ -128,10 +129,12 @@ def _routes(runtime: _Runtime) -> APIRouter:
         return _json({"status": "ok", "role": state.config.role})
 
     @router.get("/get_model_info")
+    @router.get("/model_info")
     async def model_info() -> Response:
         return _json(runtime.get().model_info())
 
     @router.get("/get_server_info")
+    @router.get("/server_info")
     async def server_info() -> Response:
         return _json(runtime.get().server_info())
 

@@ -75,7 +75,9 @@ class WorkerProcess:
                     if client.get(f"{self.url}/health").status_code == 200:
                         return
                 time.sleep(0.2)
-        raise WorkerError(f"{self.role} worker on port {self.port} not ready in {timeout_s} s:\n{self.log_tail()}")
+        raise WorkerError(
+            f"{self.role} worker on port {self.port} not ready in {timeout_s} s:\n{self.log_tail()}"
+        )
 
     def stop(self, timeout_s: float = 15.0) -> int | None:
         """SIGTERM, then SIGKILL after ``timeout_s``; returns the exit status."""
@@ -126,7 +128,9 @@ def spawn_worker(
     return WorkerProcess(role, port, bootstrap_port, proc, log_path, args)
 
 
-def with_bootstrap(body: Mapping[str, Any], prefill: WorkerProcess, room: int | None = None) -> dict[str, Any]:
+def with_bootstrap(
+    body: Mapping[str, Any], prefill: WorkerProcess, room: int | None = None
+) -> dict[str, Any]:
     """``body`` plus the bootstrap triple naming ``prefill`` and a fresh (or given) room."""
     if prefill.bootstrap_port is None:
         raise PdserveError("the prefill worker has no bootstrap port")

@@ -60,7 +60,7 @@ def pin_loopback() -> None:
         setattr(constants, "ENABLE_RAY_CLUSTER", False)  # noqa: B010 - not in Ray's type stubs
 
 
-def _sid_members(sid: int) -> list[int]:
+def session_members(sid: int) -> list[int]:
     """Pids of live processes in session ``sid`` (Linux /proc)."""
     pids = []
     for entry in Path("/proc").iterdir():
@@ -135,16 +135,16 @@ class LocalRayHead:
         return head
 
     def alive(self) -> bool:
-        return bool(_sid_members(self.pid))
+        return bool(session_members(self.pid))
 
     def stop(self, timeout_s: float = 30.0) -> bool:
         """Stop the head and everything in its session; True when nothing was left to kill."""
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout_s
-        while _sid_members(self.pid) and time.monotonic() < deadline:
+        while session_members(self.pid) and time.monotonic() < deadline:
             time.sleep(0.1)
-        left = _sid_members(self.pid)
+        left = session_members(self.pid)
         for pid in left:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)

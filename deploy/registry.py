@@ -69,9 +69,9 @@ def parse_load(body: Any) -> Load:
 class FleetHttp:
     """One pooled async HTTP client for all of the controller's probes and registrations."""
 
-    def __init__(self, *, timeout_s: float) -> None:
+    def __init__(self, *, timeout_s: float, transport: httpx.AsyncBaseTransport | None = None) -> None:
         self.timeout_s = timeout_s
-        self._client = httpx.AsyncClient(timeout=timeout_s, trust_env=False)
+        self._client = httpx.AsyncClient(timeout=timeout_s, trust_env=False, transport=transport)
 
     async def aclose(self) -> None:
         await self._client.aclose()

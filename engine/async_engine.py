@@ -170,12 +170,15 @@ class AsyncLLMEngine:
         params: SamplingParams,
         first_logprob: float | None = None,
         num_cached_tokens: int = 0,
+        first_top_logprobs: list[tuple[int, float]] | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Adopt a filled reservation and stream its deltas (the first carries ``first_token``)."""
         prompt = list(prompt_ids)
 
         def adopt(engine: LLMEngine) -> None:
-            engine.adopt(request_id, prompt, first_token, params, first_logprob, num_cached_tokens)
+            engine.adopt(
+                request_id, prompt, first_token, params, first_logprob, num_cached_tokens, first_top_logprobs
+            )
 
         return self._stream(request_id, adopt)
 

@@ -116,6 +116,18 @@ def run_bench(args: argparse.Namespace) -> int:
     print(f"model {model_dir}  dtype {args.dtype}  threads {torch.get_num_threads()}  repeats {repeats}  "
           f"clock {args.clock}")
 
+    runner_time = [0.0]  # clock time spent inside the model runner (to split off engine overhead)
+    run = engine.runner.run
+
+    def timed_run(chunks: list[Any], on_layer_done: Callable[[int], None] | None = None) -> Any:
+        t0 = clock()
+        try:
+            return run(chunks, on_layer_done)
+        finally:
+            runner_time[0] += clock() - t0
+
+    setattr(engine.runner, "run", timed_run)  # noqa: B010 (a protocol-typed attribute)
+
     def pd_run(batch: int, length: int, n: int) -> Callable[[], object]:
         params = SamplingParams(temperature=0, ignore_eos=True, max_tokens=n)
         return lambda: engine.generate(prompts.make(batch, length), params)
@@ -129,17 +141,23 @@ def run_bench(args: argparse.Namespace) -> int:
     result: dict[str, Any] = {
         "decode_tokens_per_s": {"pdserve": {}, "hf": {}},
         "ttft_s": {"pdserve": {}, "hf": {}},
+        "engine_overhead_ms_per_step": {},
     }
     for b in batches:
         for name, make in (("pdserve", pd_run), ("hf", hf_run)):
             if name == "hf" and hf is None:
                 continue
             t1 = _median_time(make(b, plen, 1), repeats, clock)
+            runner_time[0] = 0.0
             tn = _median_time(make(b, plen, n_new), repeats, clock)
+            if name == "pdserve":  # step time outside the runner: scheduler, sampler, outputs
+                overhead = (tn - runner_time[0] / repeats) / n_new * 1e3
+                result["engine_overhead_ms_per_step"][str(b)] = round(overhead, 3)
             tps = b * (n_new - 1) / max(tn - t1, 1e-9)
             result["decode_tokens_per_s"][name][str(b)] = round(tps, 1)
             step_ms = (tn - t1) / (n_new - 1) * 1e3
-            print(f"decode  batch {b:>3}  {name:<8} {tps:10.1f} tok/s  ({step_ms:.2f} ms/step)")
+            extra = f", engine overhead {overhead:.2f} ms/step" if name == "pdserve" else ""
+            print(f"decode  batch {b:>3}  {name:<8} {tps:10.1f} tok/s  ({step_ms:.2f} ms/step{extra})")
     for length in ttft_lens:
         for name, make in (("pdserve", pd_run), ("hf", hf_run)):
             if name == "hf" and hf is None:

@@ -21,11 +21,8 @@ Malformed messages are counted (``protocol_errors_total``) and dropped; they nev
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
@@ -34,15 +31,13 @@ import zmq.asyncio
 
 from pdserve.engine.kv_layout import KVLayout
 from pdserve.errors import PdserveError
+from pdserve.kvtransfer.decode_peers import DecodePeers, DecodeRecord, PendingRegistration
 from pdserve.kvtransfer.errors import (
     HandshakeError,
-    PeerDeadError,
-    PeerRestartedError,
     ProtocolError,
     RoomError,
     TransferError,
     TransferLayoutMismatchError,
-    TransferTimeoutError,
     error_from_wire,
     error_to_wire,
 )
@@ -73,35 +68,14 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-_MAX_TOMBSTONES = 65536
 
-
-def _dead_error(message: str, phase: str, room: int) -> TransferError:
-    return PeerDeadError(message, side="prefill", phase=phase, room=room)
-
-
-@dataclass
-class _Decode:
-    peer: DecodePeer
-    last_seen: float
-    rooms: set[int] = field(default_factory=set)
-
-
-@dataclass
-class _Pending:
-    peer: DecodePeer
-    dst: np.ndarray
-    checksum: bool
-    timer: asyncio.TimerHandle
-
-
-class BootstrapEndpoint:
+class BootstrapEndpoint(DecodePeers):
     def __init__(self, svc: PrefillTransferService, *, host: str, port: int) -> None:
         self.svc = svc
         self.host = host
         self.port = port
-        self.pending: dict[int, _Pending] = {}
-        self.decodes: dict[str, _Decode] = {}
+        self.pending: dict[int, PendingRegistration] = {}
+        self.decodes: dict[str, DecodeRecord] = {}
         self.by_addr: dict[str, str] = {}
         self.tombstones: dict[int, tuple[TransferError, float]] = {}
         self.tasks: set[asyncio.Task[Any]] = set()
@@ -127,7 +101,7 @@ class BootstrapEndpoint:
                 phase="setup",
             ) from exc
         self._sock = sock
-        for coro in (self._recv_loop(), self._tick_loop()):
+        for coro in (self._recv_loop(), self.tick_loop()):
             task = asyncio.get_running_loop().create_task(coro)
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
@@ -212,32 +186,6 @@ class BootstrapEndpoint:
         else:
             self._on_abort(identity, msg)
 
-    def _touch(self, identity: bytes, msg: Register) -> _Decode:
-        now = time.monotonic()
-        d = self.decodes.get(msg.decode_inc)
-        if d is not None:
-            d.last_seen = now
-            return d
-        old = self.by_addr.get(msg.decode_addr)
-        if old is not None and old != msg.decode_inc:
-            logger.warning(
-                "decode at %s restarted (incarnation %s replaced %s)", msg.decode_addr, msg.decode_inc, old
-            )
-            self.drop_decode(
-                old,
-                lambda phase, room: PeerRestartedError(
-                    f"decode at {msg.decode_addr} restarted (incarnation {msg.decode_inc} replaced {old})",
-                    side="prefill",
-                    phase=phase,
-                    room=room,
-                ),
-                reply="none",
-            )
-        peer = DecodePeer(msg.decode_inc, msg.decode_addr, dict(msg.endpoint), identity)
-        d = self.decodes[msg.decode_inc] = _Decode(peer, now)
-        self.by_addr[msg.decode_addr] = msg.decode_inc
-        return d
-
     def _check(self, msg: Register) -> TransferError | None:
         try:
             remote = KVLayout.from_dict(dict(msg.layout))
@@ -260,7 +208,7 @@ class BootstrapEndpoint:
         return None
 
     def _on_register(self, identity: bytes, msg: Register) -> None:
-        d = self._touch(identity, msg)
+        d = self.touch(identity, msg)
         room = self.svc.rooms.get(msg.room)
         error = self._check(msg)
         if error is None and room is not None and room.peer is not None:
@@ -299,9 +247,9 @@ class BootstrapEndpoint:
             timer = self.svc.handle.loop.call_later(
                 self.svc.config.bootstrap_timeout_s, self._expire_pending, msg.room
             )
-            self.pending[msg.room] = _Pending(d.peer, dst, checksum, timer)
+            self.pending[msg.room] = PendingRegistration(d.peer, dst, checksum, timer)
         else:
-            self._bind(room, d.peer, dst, checksum)
+            self.bind(room, d.peer, dst, checksum)
         self._send(
             identity,
             Ack(
@@ -311,49 +259,13 @@ class BootstrapEndpoint:
             ),
         )
 
-    def _bind(self, room: SendRoom, peer: DecodePeer, dst: np.ndarray, checksum: bool) -> None:
+    def bind(self, room: SendRoom, peer: DecodePeer, dst: np.ndarray, checksum: bool) -> None:
         with room.lock:
             room.peer, room.dst, room.checksum = peer, dst, checksum
         d = self.decodes.get(peer.decode_inc)
         if d is not None:
             d.rooms.add(room.room)
         self.svc.attach(room)
-
-    def adopt_pending(self, room: SendRoom) -> None:
-        """A new sender picks up a registration (or a failure) that arrived before it."""
-        tomb = self.tombstones.pop(room.room, None)
-        if tomb is not None:
-            self.svc.fail(room, tomb[0], reply="none")
-            return
-        p = self.pending.pop(room.room, None)
-        if p is not None:
-            p.timer.cancel()
-            self._bind(room, p.peer, p.dst, p.checksum)
-
-    def reject_pending(self, room: int, error: TransferError) -> None:
-        p = self.pending.pop(room, None)
-        if p is not None:
-            p.timer.cancel()
-            self.send_failed(p.peer.identity, room, error)
-
-    def _expire_pending(self, room: int) -> None:
-        p = self.pending.pop(room, None)
-        if p is None:
-            return
-        error = TransferTimeoutError(
-            f"the prefill never received the request within {self.svc.config.bootstrap_timeout_s} s",
-            side="prefill",
-            phase="bootstrap",
-            room=room,
-        )
-        self.svc.metrics.room_failed("bootstrap", "timeout")
-        self.tombstone(room, error)
-        self.send_failed(p.peer.identity, room, error)
-
-    def tombstone(self, room: int, error: TransferError) -> None:
-        if len(self.tombstones) >= _MAX_TOMBSTONES:
-            self.tombstones.pop(next(iter(self.tombstones)))
-        self.tombstones[room] = (error, time.monotonic() + self.svc.config.bootstrap_timeout_s)
 
     def _on_confirm(self, msg: Confirm) -> None:
         room = self.svc.rooms.get(msg.room)
@@ -390,57 +302,3 @@ class BootstrapEndpoint:
         if room is None:
             self.tombstone(msg.room, error)  # the prefill request may still be on its way
         self.send_abort_ack(identity, msg.room)
-
-    def room_gone(self, room: SendRoom) -> None:
-        if room.peer is not None:
-            d = self.decodes.get(room.peer.decode_inc)
-            if d is not None:
-                d.rooms.discard(room.room)
-
-    def drop_decode(self, inc: str, make_error: Callable[[str, int], TransferError], reply: str) -> None:
-        """Forget a decode incarnation: fail its rooms (``make_error(phase, room)``) and parked
-        registrations, and drop its data connection."""
-        d = self.decodes.pop(inc, None)
-        if d is None:
-            return
-        if self.by_addr.get(d.peer.decode_addr) == inc:
-            del self.by_addr[d.peer.decode_addr]
-        for room_id in list(d.rooms):
-            room = self.svc.rooms.get(room_id)
-            if room is not None:
-                self.svc.fail(room, make_error(room.state.phase, room_id), reply=reply)
-        for room_id, p in list(self.pending.items()):
-            if p.peer.decode_inc == inc:
-                p.timer.cancel()
-                del self.pending[room_id]
-                self.tombstone(room_id, make_error("bootstrap", room_id))
-        self.svc.disconnect_later(inc)
-
-    async def _tick_loop(self) -> None:
-        cfg = self.svc.config
-        tick = min(0.25, cfg.heartbeat_interval_s / 2)
-        while True:
-            await asyncio.sleep(tick)
-            now = time.monotonic()
-            pending_incs = {p.peer.decode_inc for p in self.pending.values()}
-            for inc, d in list(self.decodes.items()):
-                busy = bool(d.rooms) or inc in pending_incs
-                silent = now - d.last_seen
-                if busy and silent > cfg.dead_after_s:
-                    logger.warning(
-                        "decode %s (%s) silent for %.1f s: failing its rooms", d.peer.decode_addr, inc, silent
-                    )
-                    self.drop_decode(
-                        inc,
-                        functools.partial(
-                            _dead_error, f"decode {d.peer.decode_addr} silent for {silent:.1f} s"
-                        ),
-                        reply="failed",
-                    )
-                elif not busy and silent > cfg.idle_peer_s:
-                    self.decodes.pop(inc, None)
-                    if self.by_addr.get(d.peer.decode_addr) == inc:
-                        del self.by_addr[d.peer.decode_addr]
-                    self.svc.disconnect_later(inc)
-            for room_id in [r for r, (_, exp) in self.tombstones.items() if exp < now]:
-                del self.tombstones[room_id]

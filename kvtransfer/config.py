@@ -21,35 +21,39 @@ class TransferConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     transport: TransportName = Field(
-        "tcp",
+        default="tcp",
         description="shm (same host, shared memory), tcp (pyzmq), nccl (GPU p2p), fake (no bytes move)",
     )
     bootstrap_timeout_s: float = Field(
-        30.0, gt=0, description="rendezvous: decode registration <-> prefill request, both ways"
+        default=30.0, gt=0, description="rendezvous: decode registration <-> prefill request, both ways"
     )
     waiting_timeout_s: float = Field(
-        120.0, gt=0, description="registered, waiting for the prefill forward to produce the KV"
+        default=120.0, gt=0, description="registered, waiting for the prefill forward to produce the KV"
     )
-    transfer_timeout_s: float = Field(30.0, gt=0, description="first byte moved -> verified arrival")
+    transfer_timeout_s: float = Field(default=30.0, gt=0, description="first byte moved -> verified arrival")
     abort_timeout_s: float = Field(
-        2.0, gt=0, description="how long an abort waits for the peer to confirm it stopped writing"
+        default=2.0, gt=0, description="how long an abort waits for the peer to confirm it stopped writing"
     )
-    heartbeat_interval_s: float = Field(1.0, gt=0, description="decode pings each busy prefill peer")
-    heartbeat_misses: int = Field(3, ge=1, description="missed heartbeats before a peer is dead")
-    idle_peer_s: float = Field(60.0, gt=0, description="close connections to peers idle this long")
-    checksum: bool = Field(False, description="crc32 per layer of the transferred bytes, verified")
-    fake_bootstrap_host: str = Field(DEFAULT_FAKE_BOOTSTRAP_HOST, min_length=1)
+    heartbeat_interval_s: float = Field(default=1.0, gt=0, description="decode pings each busy prefill peer")
+    heartbeat_misses: int = Field(default=3, ge=1, description="missed heartbeats before a peer is dead")
+    idle_peer_s: float = Field(default=60.0, gt=0, description="close connections to peers idle this long")
+    checksum: bool = Field(default=False, description="crc32 per layer of the transferred bytes, verified")
+    fake_bootstrap_host: str = Field(default=DEFAULT_FAKE_BOOTSTRAP_HOST, min_length=1)
     frame_pages: int = Field(
-        32, ge=1, le=65536, description="tcp/nccl: pages of one layer and kind per frame (the batching unit)"
+        default=32,
+        ge=1,
+        le=65536,
+        description="tcp/nccl: pages of one layer and kind per frame (the batching unit)",
     )
-    tcp_hwm: int = Field(64, ge=1, description="tcp: zmq high-water mark (messages) on data sockets")
+    tcp_hwm: int = Field(default=64, ge=1, description="tcp: zmq high-water mark (messages) on data sockets")
     device: str = Field(
-        "cpu",
+        default="cpu",
         description="decode pool device: cpu for shm/tcp; cuda[:N] for nccl (checked at start)",
     )
-    shm_dir: str = Field("/dev/shm", min_length=1, description="where shm segments live")
+    shm_dir: str = Field(default="/dev/shm", min_length=1, description="where shm segments live")
     nccl_library: str | None = Field(
-        None, description="path to libnccl.so.2 (default: the nvidia-nccl-cu12 wheel, then the loader)"
+        default=None,
+        description="path to libnccl.so.2 (default: the nvidia-nccl-cu12 wheel, then the loader)",
     )
 
     @model_validator(mode="after")

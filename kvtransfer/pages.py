@@ -157,6 +157,16 @@ class PageStore:
             raise ConfigError("byte views exist only for host (CPU) KV pools")
         return self._u8[layer, kind, block : block + n].data.cast("B")
 
+    def host_pages(self, layer: int, kind: int) -> np.ndarray:
+        """``[num_blocks, page_nbytes]`` uint8 view of one (layer, kind) (host pools only).
+
+        Scattered gathers/scatters go through numpy (``np.take(..., out=)`` and fancy
+        assignment copy whole rows with memcpy; torch's CPU ``index_copy_`` is far slower)."""
+        if self._u8 is None:
+            raise ConfigError("byte views exist only for host (CPU) KV pools")
+        rows: np.ndarray = self._u8[layer, kind]
+        return rows
+
     def layer_checksums(self, ids: np.ndarray, layers: Sequence[int] | None = None) -> list[int]:
         """crc32 per layer over ``pages[l, 0, ids]`` then ``pages[l, 1, ids]`` in id order."""
         out: list[int] = []

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pdserve.kvtransfer.errors import RoomError, TransferAbortedError, TransferError
+from pdserve.kvtransfer.errors import RoomError, TransferAbortedError, TransferError, TransferTimeoutError
 from pdserve.kvtransfer.pages import as_block_array
 from pdserve.kvtransfer.protocol import AuxData
 from pdserve.kvtransfer.states import KVPoll, RoomState, StateListener
@@ -145,11 +145,10 @@ class KVSender:
             await asyncio.wait_for(fut, within_s)
         except TimeoutError:
             # the room's own bootstrap timer fails it; this only bounds the caller's wait
-            raise TransferError(
+            raise TransferTimeoutError(
                 f"decode did not register within {within_s} s",
                 side="prefill",
                 phase="bootstrap",
-                reason="timeout",
                 room=self.room,
             ) from None
 

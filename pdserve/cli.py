@@ -51,6 +51,22 @@ def setup_logging(level: str) -> None:
     )
 
 
+# global options that take a value: their value is not the command name
+_VALUED_GLOBALS = frozenset({"--log-level"})
+
+
+def _first_positional(argv: Sequence[str]) -> str | None:
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in _VALUED_GLOBALS:
+            skip = True
+        elif not arg.startswith("-"):
+            return arg
+    return None
+
+
 def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pdserve", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"pdserve {__version__}")
@@ -59,18 +75,17 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
         choices=["debug", "info", "warning", "error"],
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    chosen = next((a for a in argv if not a.startswith("-")), None)
+    chosen = _first_positional(argv)
     for name, (module, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_)
         if name == chosen:
             _fn(module, "add", f"{name}_arguments")(p)
     bench = sub.add_parser("bench", help="benchmarks (print ratios; last line is JSON)")
     bsub = bench.add_subparsers(dest="bench", metavar="BENCHMARK")
-    rest = list(argv)
     bench_chosen = None
     if chosen == "bench":
-        after = rest[rest.index("bench") + 1 :]
-        bench_chosen = next((a for a in after if not a.startswith("-")), None)
+        rest = list(argv)
+        bench_chosen = _first_positional(rest[rest.index("bench") + 1 :])
     for name, (module, help_) in BENCHMARKS.items():
         p = bsub.add_parser(name, help=help_)
         if name == bench_chosen:

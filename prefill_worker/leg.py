@@ -125,8 +125,10 @@ class PrefillLeg:
         self.awaiting_decode += 1
         self.awaiting_decode_tokens += num_tokens
         try:
+            # the room's own bootstrap timer fails it first (TransferTimeoutError, 504); the
+            # bounds here are backstops
             await watch.run(
-                sender.wait_ready(self.transfer.bootstrap_timeout_s),
+                sender.wait_ready(self.transfer.bootstrap_timeout_s + 0.5),
                 self.transfer.bootstrap_timeout_s + 1.0,
                 "waiting for the decode worker's registration",
             )

@@ -103,11 +103,11 @@ def run_router(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     if not cfg.workers:
         logger.warning("no workers configured; register them with POST /workers")
-    app = RouterApp(cfg)
+    app = RouterApp(cfg, freeze_gc=True)
     level = logging.getLogger().getEffectiveLevel()
     uvicorn.run(
         app, host=cfg.host, port=cfg.port, loop="uvloop", http="httptools", access_log=False,
         server_header=False, date_header=False, log_level=logging.getLevelName(level).lower(),
-        timeout_keep_alive=60,
+        timeout_keep_alive=60, proxy_headers=False,
     )
     return 0

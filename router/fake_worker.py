@@ -42,9 +42,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from pdserve.errors import InvalidRequestError, PdserveError
+from pdserve.router.disconnect import DisconnectWatch
 from pdserve.router.fake_bootstrap import BootstrapServer, RoomFailed, await_kv
 from pdserve.router.fake_format import FakeOutput, render_final, render_stream_event
-from pdserve.router.passthrough import Receive, Scope, Send, _Watch, read_body, send_bytes
+from pdserve.router.passthrough import Receive, Scope, Send, read_body, send_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +120,7 @@ class FakeWorker:
             err = PdserveError(f"fake worker: injected failure ({s.fail_status})")
             await send_bytes(send, s.fail_status, orjson.dumps(err.to_openai()))
             return
-        watch = _Watch(receive)
+        watch = DisconnectWatch(receive)
         st["active"] += 1
         try:
             await self._generate(out, req, send)
@@ -319,7 +320,8 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.monotonic()
     uvicorn.run(worker, host=args.host, port=args.port, loop="uvloop", http="httptools", access_log=False,
-                log_level=args.log_level, server_header=False, date_header=False, timeout_keep_alive=60)
+                log_level=args.log_level, server_header=False, date_header=False, timeout_keep_alive=60,
+                proxy_headers=False)
     logger.info("fake worker ran %.1fs", time.monotonic() - t0)
     return 0
 

@@ -67,7 +67,7 @@ class PDBackend:
                         metrics.observe_ttft(mode, now - t0)
                         first = False
                     else:
-                        metrics.itl.observe(now - last)
+                        metrics.observe_itl(now - last)
                     last = now
                     if out.finished:
                         ok = True

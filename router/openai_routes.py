@@ -25,8 +25,9 @@ from pdserve.api.backend import RequestContext
 from pdserve.api.protocol import ChatCompletionRequest, CompletionRequest, parse_request
 from pdserve.api.serving import OpenAIServing
 from pdserve.errors import OverloadedError, PdserveError
+from pdserve.router.disconnect import DisconnectWatch
 from pdserve.router.openai_backend import PDBackend
-from pdserve.router.passthrough import _Watch, outcome_of
+from pdserve.router.passthrough import outcome_of
 from pdserve.router.state import RouterState
 
 DEFAULT_MAX_MODEL_LEN = 32768
@@ -84,7 +85,7 @@ class OpenAIRoutes:
         except PdserveError as exc:
             st.metrics.request(route, "rejected" if exc.http_status == 429 else outcome_of(exc))
             raise
-        watch = _Watch(request.receive)
+        watch = DisconnectWatch(request.receive)
         try:
             result = await call
         except asyncio.CancelledError:

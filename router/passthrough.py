@@ -23,6 +23,7 @@ from typing import Any
 import orjson
 
 from pdserve.errors import InvalidRequestError, PayloadTooLargeError, PdserveError
+from pdserve.router.disconnect import DisconnectWatch
 from pdserve.router.dispatch import Exchange
 from pdserve.router.errors import NoWorkerError, UpstreamStatusError
 from pdserve.router.state import RouterState
@@ -88,29 +89,6 @@ def sse_error(exc: BaseException) -> bytes:
     return b"data: " + orjson.dumps(err.to_openai()) + b"\n\ndata: [DONE]\n\n"
 
 
-class _Watch:
-    """Cancels the handler task when the client disconnects (before the response is complete)."""
-
-    __slots__ = ("active", "fired", "task", "watcher")
-
-    def __init__(self, receive: Receive) -> None:
-        self.task = asyncio.current_task()
-        self.active = True
-        self.fired = False
-        self.watcher = asyncio.ensure_future(receive())
-        self.watcher.add_done_callback(self._done)
-
-    def _done(self, fut: asyncio.Future[Any]) -> None:
-        if self.active and not fut.cancelled() and self.task is not None:
-            self.fired = True
-            self.task.cancel()
-
-    def stop(self) -> None:
-        self.active = False
-        if not self.watcher.done():
-            self.watcher.cancel()
-
-
 def _route_header(ex: Exchange) -> tuple[bytes, bytes]:
     r = ex.route
     pf = r.prefill.url if r.prefill is not None else "-"
@@ -138,7 +116,7 @@ async def handle_generate(state: RouterState, scope: Scope, receive: Receive, se
     except asyncio.CancelledError:
         return
     stream = bool(req.get("stream"))
-    watch = _Watch(receive)
+    watch = DisconnectWatch(receive)
     ex: Exchange | None = None
     outcome = "success"
     try:
@@ -158,11 +136,11 @@ async def handle_generate(state: RouterState, scope: Scope, receive: Receive, se
         await send({"type": "http.response.body", "body": ex.first, "more_body": True})
         last = time.monotonic()
         metrics.observe_ttft(mode, last - t0)
-        itl = metrics.itl
+        itl = metrics.itl.observe
         try:
             while (chunk := await ex.next_chunk()) is not None:
                 now = time.monotonic()
-                itl.observe(now - last)
+                itl(now - last)
                 last = now
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except PdserveError as exc:

@@ -11,6 +11,7 @@ discovery) -> serve -> ``aclose()`` (loops stopped, legs cancelled, pool closed)
 
 from __future__ import annotations
 
+import gc
 import logging
 import random
 from collections.abc import AsyncIterator
@@ -43,8 +44,10 @@ class RouterApp:
         registry: CollectorRegistry | None = None,
         rng: random.Random | None = None,
         tokenizer: Any = None,
+        freeze_gc: bool = False,
     ) -> None:
         self.cfg = cfg
+        self._freeze_gc = freeze_gc
         self._registry = registry if registry is not None else CollectorRegistry()
         self._rng = rng
         self._tokenizer = tokenizer
@@ -72,6 +75,11 @@ class RouterApp:
         await state.start()
         self.state = state
         self.openai = OpenAIRoutes(state)
+        if self._freeze_gc:
+            # Move everything alive after start-up out of the collector's reach, as SGLang's
+            # servers do: later collections then scan only per-request garbage.
+            gc.collect()
+            gc.freeze()
         logger.info("router ready on %s:%d with %d workers", self.cfg.host, self.cfg.port, len(state.workers))
         try:
             yield

@@ -166,11 +166,11 @@ class RouterState:
         if limit is not None and self.inflight >= limit:
             raise TooManyRequestsError(f"the router has {self.inflight} requests in flight (limit {limit})")
         self.inflight += 1
-        self.metrics.inflight.inc()
+        self.metrics.inflight = self.inflight
 
     def release(self) -> None:
         self.inflight -= 1
-        self.metrics.inflight.dec()
+        self.metrics.inflight = self.inflight
 
     def key_for_ids(self, ids: list[int]) -> PromptKey:
         return key_from_ids(ids, self.cfg.policy.block_size)

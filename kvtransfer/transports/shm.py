@@ -15,6 +15,8 @@ from __future__ import annotations
 import logging
 from typing import Any, ClassVar
 
+import numpy as np
+
 from pdserve.engine.kv_layout import KVLayout
 from pdserve.kvtransfer.config import TransferConfig
 from pdserve.kvtransfer.errors import HandshakeError, TransportError
@@ -32,6 +34,7 @@ from pdserve.kvtransfer.transports.base import (
 logger = logging.getLogger(__name__)
 
 _MAX_COPY_BYTES = 64 << 20
+_STRIDED_MIN_LAYERS = 4  # jobs with fewer layers copy per (layer, kind) with numpy
 
 
 class ShmSendBackend(SendBackend):
@@ -71,15 +74,19 @@ class ShmSendBackend(SendBackend):
             raise TransportError(
                 "no mapped segment for this decode", side="prefill", phase="transfer", room=job.room
             )
+        src_ids = job.src[job.pos_lo : job.pos_hi]
+        dst_ids = job.dst[job.pos_lo : job.pos_hi]
+        runs = joint_runs(src_ids, dst_ids)
+        if job.layer_hi - job.layer_lo < _STRIDED_MIN_LAYERS:
+            return self._per_layer(job, entry[1], src_ids, dst_ids, runs)
         dst = entry[1].pages[job.layer_lo : job.layer_hi]
         src = self.store.pages[job.layer_lo : job.layer_hi]
         moved = 0
         per_position = (job.layer_hi - job.layer_lo) * 2 * self.store.page_nbytes
-        src_ids = job.src[job.pos_lo : job.pos_hi]
-        dst_ids = job.dst[job.pos_lo : job.pos_hi]
-        # bound one copy call so an abort waits at most ~one chunk
+        # one strided copy per run covers every layer and both kinds; bounded so that an abort
+        # waits at most ~one chunk
         chunk = max(1, _MAX_COPY_BYTES // per_position)
-        for start, length in joint_runs(src_ids, dst_ids):
+        for start, length in runs:
             for off in range(0, length, chunk):
                 if job.cancel.is_set():
                     return moved
@@ -87,6 +94,27 @@ class ShmSendBackend(SendBackend):
                 s, d = int(src_ids[start + off]), int(dst_ids[start + off])
                 dst[:, :, d : d + n].copy_(src[:, :, s : s + n])
                 moved += n * per_position
+        return moved
+
+    def _per_layer(
+        self,
+        job: SendJob,
+        dst: PageStore,
+        src_ids: np.ndarray,
+        dst_ids: np.ndarray,
+        runs: list[tuple[int, int]],
+    ) -> int:
+        """Layer-streaming jobs (few layers): a memcpy per run per (layer, kind), no torch dispatch."""
+        moved = 0
+        for layer in range(job.layer_lo, job.layer_hi):
+            if job.cancel.is_set():
+                return moved
+            for kind in (0, 1):
+                s_rows, d_rows = self.store.host_pages(layer, kind), dst.host_pages(layer, kind)
+                for start, n in runs:
+                    s, d = int(src_ids[start]), int(dst_ids[start])
+                    d_rows[d : d + n] = s_rows[s : s + n]
+            moved += 2 * src_ids.size * self.store.page_nbytes
         return moved
 
     def disconnect(self, decode_inc: str) -> None:

@@ -5,15 +5,17 @@ message ``[header, K pages, V pages]``; then ``[done header, done json]``.
 
 Prefill side: a group whose source ids are consecutive is sent straight out of the KV pool
 (``copy=False``: zmq reads the pages, no staging copy); a scattered group is gathered with one
-``index_select`` per layer. Sends use a short ``SNDTIMEO`` in a loop that checks the room's
-cancel flag and deadline, so a dead or stuck decode never blocks the data thread for long.
+``np.take`` per (layer, kind) into a buffer zmq sends without copying again. Sends use a short
+``SNDTIMEO`` in a loop that checks the room's cancel flag and deadline, so a dead or stuck
+decode never blocks the data thread for long.
 
 Decode side: one receive thread owns the PULL socket. For each message it validates the header
 (magic, room registered for this decode incarnation, layer and positions inside the room,
 no page written twice) and each frame's size, then ``recv_into`` the destination pages directly
-when they are consecutive (one copy: zmq buffer -> page), else into a staging buffer scattered
-with one ``index_copy_``. Garbage or truncated input fails the room it names (or is counted
-and dropped when it names none). ``done`` is checked against the pages actually received.
+when they are consecutive (one copy: zmq buffer -> page), else scatters the frame's rows into
+the pages with one numpy fancy assignment (also one copy). Garbage or truncated input fails the
+room it names (or is counted and dropped when it names none). ``done`` is checked against the
+pages actually received.
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
-import torch
 import zmq
 
 from pdserve.engine.kv_layout import KVLayout, allocate_kv_storage
@@ -132,10 +133,11 @@ class TcpSendBackend(SendBackend):
                     if is_consecutive(ids):
                         k: Any = store.run_bytes(layer, 0, int(ids[0]), n)
                         v: Any = store.run_bytes(layer, 1, int(ids[0]), n)
-                    else:
-                        gathered = store.pages[layer].index_select(1, torch.from_numpy(ids))
-                        raw = gathered.view(torch.uint8).numpy()
-                        k, v = raw[0], raw[1]
+                    else:  # one gather per kind into a fresh buffer zmq keeps alive until sent
+                        stage = np.empty((2, n, store.page_nbytes), dtype=np.uint8)
+                        np.take(store.host_pages(layer, 0), ids, axis=0, out=stage[0])
+                        np.take(store.host_pages(layer, 1), ids, axis=0, out=stage[1])
+                        k, v = stage[0].data, stage[1].data
                     header = pack_data_header(DATA_KIND_PAGES, job.room, job.decode_inc, layer, pos, n)
                     self._send(sock, [header, k, v], job.room, job.cancel, job.deadline)
                     moved += 2 * n * store.page_nbytes
@@ -200,7 +202,6 @@ class TcpRecvBackend(RecvBackend):
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._staging = torch.empty((config.frame_pages, layout.page_numel), dtype=layout.torch_dtype)
 
     def describe(self) -> dict[str, Any]:
         return {"transport": self.name, "data_addr": self.addr, "pool_bytes": self.store.nbytes}
@@ -306,18 +307,17 @@ class TcpRecvBackend(RecvBackend):
         ids = slot.dst[pos : pos + n]
         expected = n * self.store.page_nbytes
         consecutive = is_consecutive(ids)
-        if not consecutive and self._staging.shape[0] < n:
-            self._staging = torch.empty((n, layout.page_numel), dtype=layout.torch_dtype)
         for kind in (0, 1):
             if not self._sock.rcvmore:
                 raise self._bad(room, "truncated message: missing page frames")
-            if consecutive:
+            if consecutive:  # straight into the pages: zmq's buffer -> page, one copy
                 got = self._sock.recv_into(self.store.run_bytes(layer, kind, int(ids[0]), n))
-            else:
-                stage = self._staging[:n]
-                got = self._sock.recv_into(stage.view(torch.uint8).numpy().reshape(-1).data)
+            else:  # scatter rows out of zmq's buffer, one copy
+                frame = self._sock.recv(copy=False)
+                got = len(frame.buffer)
                 if got == expected:
-                    self.store.pages[layer, kind].index_copy_(0, torch.from_numpy(ids), stage)
+                    rows = np.frombuffer(frame.buffer, dtype=np.uint8).reshape(n, self.store.page_nbytes)
+                    self.store.host_pages(layer, kind)[ids] = rows
             if got != expected:
                 raise self._bad(room, f"page frame of {got} bytes, expected {expected}")
         if self._sock.rcvmore:

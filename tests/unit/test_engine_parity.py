@@ -78,7 +78,7 @@ def test_pd_adopt_on_the_real_model_matches_hf(checkpoint: tuple[Path, dict[int,
     p_engine = engine_for(path)
     layout = p_engine.runner.layout
     d_engine = LLMEngine(
-        EngineConfig(model=str(path), block_size=4, show_progress=False),
+        EngineConfig(model=str(path), block_size=4, max_model_len=256, show_progress=False),
         kv_storage=allocate_kv_storage(layout, 64),
         tokenizer=FakeTokenizer(),
     )
