@@ -17,6 +17,7 @@ import argparse
 import logging
 import os
 import signal
+import socket
 from types import FrameType
 from typing import Any
 
@@ -120,20 +121,37 @@ def worker_config_from_args(args: argparse.Namespace) -> Any:
     return WorkerConfig.build(**fields)
 
 
+def _check_port_free(host: str, port: int, flag: str) -> None:
+    """Fail before loading the model when a port is taken (the bind itself happens later)."""
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise ConfigError(f"{flag}: cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
 def _terminated(signum: int, frame: FrameType | None) -> None:
     logger.info("worker stopped by signal %d after a graceful shutdown", signum)
 
 
 def run_worker(args: argparse.Namespace) -> int:
-    import uvicorn
+    if args.graceful_timeout <= 0:
+        raise ConfigError(f"--graceful-timeout must be positive, got {args.graceful_timeout}")
+    config = worker_config_from_args(args).resolved()
+    _check_port_free(config.host, config.port, "--port")
+    if config.role == "prefill" and config.bootstrap_port:
+        _check_port_free(config.host, config.bootstrap_port, "--bootstrap-port")
+
+    import uvicorn  # heavy imports (torch) only once the flags are known to be usable
 
     from pdserve.decode_worker.server import build_app
     from pdserve.decode_worker.state import plan_kv_pool
 
-    config = worker_config_from_args(args).resolved()
     plan_kv_pool(config)  # a bad model dir or pool size fails here, as one error line
-    if args.graceful_timeout <= 0:
-        raise ConfigError(f"--graceful-timeout must be positive, got {args.graceful_timeout}")
     app = build_app(config)
     uv_config = uvicorn.Config(
         app, host=config.host, port=config.port, loop="uvloop", http="httptools", lifespan="on",

@@ -83,6 +83,15 @@ class WorkerConfig(BaseModel):
             )
         if self.role == "decode" and self.bootstrap_port == 0:
             raise ValueError("bootstrap_port: a decode worker's default peer port cannot be 0")
+        if (
+            self.role != "both"
+            and self.kvtransfer.transport == "nccl"
+            and not self.engine.device.startswith("cuda")
+        ):
+            raise ValueError(
+                "kvtransfer.transport: 'nccl' needs a CUDA engine, "
+                f"but engine.device is {self.engine.device!r}"
+            )
         if self.role != "both" and self.kvtransfer.device != self.engine.device:
             raise ValueError(
                 f"kvtransfer.device ({self.kvtransfer.device!r}) must equal engine.device "

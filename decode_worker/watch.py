@@ -74,6 +74,9 @@ class CancelWatch:
     async def run(self, aw: Awaitable[T], timeout_s: float, what: str) -> T:
         """``await aw``, unless the request is cancelled or ``timeout_s`` seconds pass first."""
         self.check()
+        left = self.ctx.time_left()
+        if left is not None and left < timeout_s:  # the request's own deadline comes first
+            timeout_s = max(left, 0.0)
         task: asyncio.Future[T] = asyncio.ensure_future(aw)
         stop: asyncio.Future[Any] = asyncio.ensure_future(self.cancelled.wait())
         both: set[asyncio.Future[Any]] = {task, stop}

@@ -80,6 +80,9 @@ def run_up(args: argparse.Namespace) -> int:
     head: LocalRayHead | None = None
     if address is None:
         cpus = fleet_cfg.ray.num_cpus or placement.local_cluster_cpus(fleet_cfg)
+        # What can never fit on the one local node fails now, before Ray starts.
+        node = placement.local_node(cpus, fleet_cfg.ray.num_gpus)
+        placement.check_fits(fleet_cfg, [node], gpu=cfg.uses_gpu)
         print(f"pdserve: starting a local Ray cluster on 127.0.0.1 ({cpus} CPUs)", file=sys.stderr)
         head = LocalRayHead.start(
             num_cpus=cpus, num_gpus=fleet_cfg.ray.num_gpus, object_store_mb=fleet_cfg.ray.object_store_mb,

@@ -375,8 +375,10 @@ class FleetController:
             self.metrics.desired.labels(role=role).set(self.desired[role])
         if not self.fleet.prometheus_sd_file:
             return
-        targets = [(s.role, s.registered_url) for s in self.workers.values() if s.registered_url]
-        if self.router.url and self.router.state == "healthy":
+        # Every worker the fleet wants, healthy or not (a dead one must show as up == 0, not
+        # vanish); a draining worker leaves at once. A restarted worker's new URL replaces its old.
+        targets = [(s.role, s.url) for s in self.workers.values() if s.url and s.state != "draining"]
+        if self.router.url:
             targets.append(("router", self.router.url))
         targets.append(("controller", f"http://{self.fleet.worker_host}:{self.metrics_port}"))
         groups = sd_groups(self.fleet.name, targets)

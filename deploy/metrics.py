@@ -12,6 +12,8 @@ Metrics (created per controller against an injected registry)::
 The service-discovery file is Prometheus ``file_sd`` JSON: one target group per role (router,
 prefill, decode, controller) with labels ``role`` and ``fleet``; it is rewritten atomically
 whenever membership changes, so a Prometheus on the head node follows scale-ups and restarts.
+It lists every worker the fleet wants, healthy or not (a dead worker scrapes as ``up == 0``
+until it is back or replaced); a worker being removed by ``scale`` leaves it at once.
 """
 
 from __future__ import annotations
@@ -21,12 +23,20 @@ import logging
 import os
 import tempfile
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from socketserver import ThreadingMixIn
 from typing import Any
-from wsgiref.simple_server import WSGIServer
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -74,10 +84,22 @@ class FleetMetrics:
                 self.workers.labels(role=role, state=state).set(counts.get((role, state), 0))
 
     def serve(self, host: str, port: int) -> int:
-        """Expose ``/metrics`` on ``host:port`` (0 = a free port); returns the port."""
-        server, thread = start_http_server(port, addr=host, registry=self.registry)
-        self._server, self._thread = server, thread
+        """Expose ``/metrics`` on ``host:port`` (0 = a free port) on a daemon thread; returns the
+        port. Always the classic text format, like the router and workers: prometheus_client's
+        own server would negotiate OpenMetrics, which rewrites the ``:`` in our names to ``_``."""
+        server = make_server(host, port, self._wsgi, _ThreadingWSGIServer, handler_class=_QuietHandler)
+        self._server = server
+        self._thread = threading.Thread(target=server.serve_forever, name="fleet-metrics", daemon=True)
+        self._thread.start()
         return int(server.server_port)
+
+    def _wsgi(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        if environ.get("PATH_INFO", "/") not in ("/", "/metrics"):
+            start_response("404 Not Found", [("Content-Type", "text/plain")])
+            return [b"not found"]
+        body = generate_latest(self.registry)
+        start_response("200 OK", [("Content-Type", CONTENT_TYPE_LATEST), ("Content-Length", str(len(body)))])
+        return [body]
 
     def close(self, timeout_s: float = 5.0) -> None:
         if self._server is not None:
@@ -86,6 +108,15 @@ class FleetMetrics:
         if self._thread is not None:
             self._thread.join(timeout=timeout_s)
         self._server = self._thread = None
+
+
+class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        return
 
 
 def _hostport(url: str) -> str:

@@ -100,6 +100,12 @@ def local_cluster_cpus(fleet: FleetConfig) -> int:
     return max(8, math.ceil(need * 2) + 2)
 
 
+def local_node(num_cpus: int, num_gpus: int | None) -> dict[str, float]:
+    """The resources an embedded single-node cluster will have (GPUs unknown until Ray looks:
+    ``None`` counts as plenty; the check after start is exact)."""
+    return {"CPU": float(num_cpus), "GPU": float(num_gpus) if num_gpus is not None else 1e9, "memory": 1e18}
+
+
 def check_model(model: str | None) -> None:
     """``engine.model``, when set, must be a local directory with a ``config.json``."""
     if model is None:

@@ -1,21 +1,22 @@
 """``pdserve bench kv``: KV transfer GB/s per transport against the limits of the same machine.
 
 For GLM-4.5-Air-shaped KV (46 layers, 8 KV heads, head dim 128, bf16: 184 KiB per token) at
-each ``--tokens`` count, in one run:
+each ``--tokens`` count:
 
-1. ``memcpy``: one contiguous ``copy_`` of that many bytes into a preallocated buffer — the
-   limit for ``shm``;
-2. ``raw socket``: ``sendall`` of that many bytes over a loopback TCP socket into a
-   preallocated buffer in another process (``recv_into``) — the limit for ``tcp``;
-3. each transport: a prefill service here, a decode service in another process
+1. each transport runs with a prefill service in this process and a decode service in another
    (:mod:`pdserve.kvtransfer.peerproc`), scattered source and destination pages (random block
-   ids: the worst case for batching), time from ``finish()`` to the decode's confirmation;
-4. layer streaming: a simulated forward (``--layer-ms`` per layer, on an engine thread calling
-   ``on_layer_done``) and the transfer time still *exposed* after the last layer, against
-   shipping everything after the forward.
+   ids: the worst case for batching; ``--contiguous`` for consecutive ids), timed from
+   ``finish()`` to the decode's confirmation (bytes verified by digest up to 4096 tokens);
+2. each run is *paired* with a run of its limit, alternating, so machine noise hits both:
+   ``shm`` with ``memcpy`` (one contiguous ``copy_`` of as many bytes into a preallocated buffer)
+   and ``tcp`` with ``raw socket`` (``sendall`` over loopback TCP into a preallocated buffer
+   in the decode process, ``recv_into``); the ratio is the median of the pairs' ratios;
+3. layer streaming at the largest size: a simulated forward (``--layer-ms`` per layer, an
+   engine thread calling ``on_layer_done``) and the transfer time still *exposed* after its
+   last layer, against shipping everything after the forward.
 
-Prints one line per measurement, the ratios, and last one JSON line with ``ratio_vs_limit``
-(transport -> ratio to its limit at the largest token count).
+Prints one line per point and, last, one JSON line with ``ratio_vs_limit`` (transport -> ratio
+to its limit at the largest token count) and the per-size details.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ import logging
 import math
 import socket
 import statistics
-import threading
 import time
 from typing import Any
 
@@ -43,9 +43,8 @@ from pdserve.kvtransfer.prefill import PrefillTransferService
 from pdserve.kvtransfer.protocol import AuxData
 from pdserve.kvtransfer.testing import PeerProcess
 
-logger = logging.getLogger(__name__)
-
 LIMIT_OF = {"shm": "memcpy", "tcp": "raw_socket", "nccl": "memcpy", "fake": "memcpy"}
+_SINK_BYTES = 256 << 20  # the raw sink's preallocated buffer (reused cyclically for larger runs)
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,50 +55,48 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--repeat", type=int, default=3, help="timed runs per point (median reported)")
-    parser.add_argument(
-        "--contiguous", action="store_true", help="consecutive block ids instead of scattered"
-    )
+    parser.add_argument("--repeat", type=int, default=3, help="timed pairs per point (median reported)")
+    parser.add_argument("--contiguous", action="store_true", help="consecutive block ids, not scattered")
     parser.add_argument("--layer-ms", type=float, default=20.0, help="simulated forward time per layer")
     parser.add_argument("--no-stream", action="store_true", help="skip the layer-streaming measurement")
-    parser.add_argument(
-        "--verify", action="store_true", help="digest-check every size (default: <= 4096 tokens)"
-    )
+    parser.add_argument("--verify", action="store_true", help="digest-check every size (default: <= 4096)")
 
 
-def _gbps(nbytes: int, seconds: float) -> float:
-    return nbytes / seconds / 1e9 if seconds > 0 else float("inf")
+class _Memcpy:
+    """One contiguous copy of ``nbytes`` into a preallocated (already faulted-in) buffer."""
 
+    def __init__(self, src: torch.Tensor) -> None:
+        self.src = src.view(-1).view(torch.uint8)
+        self.dst = torch.empty_like(self.src)
+        self.dst.copy_(self.src)
 
-def _memcpy(src: torch.Tensor, nbytes: int, repeat: int) -> float:
-    flat = src.view(-1).view(torch.uint8)[:nbytes]
-    dst = torch.empty_like(flat)
-    dst.copy_(flat)  # fault the pages in: a KV pool is preallocated
-    times = []
-    for _ in range(repeat):
+    def run(self, nbytes: int) -> float:
         t0 = time.perf_counter()
-        dst.copy_(flat)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        self.dst[:nbytes].copy_(self.src[:nbytes])
+        return time.perf_counter() - t0
 
 
-def _raw_socket(peer: PeerProcess, src: torch.Tensor, nbytes: int, repeat: int) -> float:
-    payload = src.view(-1).view(torch.uint8)[:nbytes].numpy().data
-    peer.send("raw_sink", nbytes=nbytes, repeat=repeat + 1)
-    port = peer.wait_event("raw_port", timeout=60)["port"]
-    times = []
-    with socket.create_connection(("127.0.0.1", port)) as conn:
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
-        for i in range(repeat + 1):  # the first run warms both sides up
-            t0 = time.perf_counter()
-            conn.sendall(payload)
-            if conn.recv(1) != b"k":
-                raise TransportError("raw socket sink closed early", phase="transfer")
-            if i:
-                times.append(time.perf_counter() - t0)
-    peer.wait_event("raw_done", timeout=60)
-    return statistics.median(times)
+class _RawSocket:
+    """``sendall`` over loopback TCP into the peer's preallocated buffer; one connection."""
+
+    def __init__(self, peer: PeerProcess, src: torch.Tensor, nbytes: int, runs: int) -> None:
+        self.payload = src.view(-1).view(torch.uint8)[:nbytes].numpy().data
+        peer.send("raw_sink", nbytes=nbytes, repeat=runs, buffer=min(nbytes, _SINK_BYTES))
+        self.peer = peer
+        port = peer.wait_event("raw_port", timeout=60)["port"]
+        self.conn = socket.create_connection(("127.0.0.1", port))
+        self.conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def run(self) -> float:
+        t0 = time.perf_counter()
+        self.conn.sendall(self.payload)
+        if self.conn.recv(1) != b"k":
+            raise TransportError("raw socket sink closed early", phase="transfer")
+        return time.perf_counter() - t0
+
+    def close(self) -> None:
+        self.conn.close()
+        self.peer.wait_event("raw_done", timeout=60)
 
 
 async def _transfer(
@@ -109,11 +106,11 @@ async def _transfer(
     src: list[int],
     dst: list[int],
     *,
-    layer_s: float,
-    stream: bool,
-    digest: bool,
+    layer_s: float = 0.0,
+    stream: bool = False,
+    digest: bool = False,
 ) -> tuple[float, float]:
-    """One room; returns (seconds from the forward's end to confirmation, forward seconds)."""
+    """One room; returns (seconds from the end of the forward to confirmation, forward seconds)."""
     sender = prefill.create_sender(room)
     peer.send("receive", room=room, host="127.0.0.1", port=prefill.bootstrap_port, blocks=dst, digest=digest)
     await sender.wait_ready(60.0)
@@ -141,142 +138,136 @@ async def _transfer(
     return exposed, forward
 
 
-async def _bench_transport(
-    args: argparse.Namespace,
-    transport: str,
-    layout: KVLayout,
-    storage: torch.Tensor,
-    tokens: list[int],
-    num_blocks: int,
-    rng: np.random.Generator,
-    out: dict[str, Any],
-) -> None:
-    gpu = transport == "nccl"
-    config = TransferConfig.model_validate(
-        {
-            "transport": transport,
-            "device": "cuda:0" if gpu else "cpu",
-            "transfer_timeout_s": 120.0,
-            "waiting_timeout_s": 300.0,
+class _Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.tokens = sorted(int(t) for t in str(args.tokens).split(",") if t.strip())
+        self.layout = KVLayout(
+            num_layers=args.layers,
+            num_kv_heads=args.kv_heads,
+            head_dim=args.head_dim,
+            dtype=args.dtype,
+            block_size=args.block_size,
+        )
+        self.num_blocks = math.ceil(max(self.tokens) / self.layout.block_size)
+        self.rng = np.random.default_rng(0)
+        self.room = 0
+        self.out: dict[str, Any] = {
+            "bench": "kv",
+            "layout": self.layout.to_dict(),
+            "tokens": self.tokens,
+            "scattered": not args.contiguous,
+            "gbps": {},
+            "ratio_vs_limit_by_tokens": {},
         }
-    )
-    decode_config = config.model_copy(update={"device": "cuda:1" if gpu else "cpu"})
-    prefill = PrefillTransferService(
-        config, layout, storage.to("cuda:0") if gpu else storage, registry=CollectorRegistry()
-    )
-    await prefill.start()
-    peer = await asyncio.to_thread(PeerProcess, "decode", layout, num_blocks, decode_config)
-    room = 1
-    try:
-        for t in tokens:
-            n = math.ceil(t / layout.block_size)
-            nbytes = n * layout.block_nbytes
-            times = []
-            for i in range(args.repeat + 1):  # the first run warms up connections and page faults
-                src = list(range(n)) if args.contiguous else [int(x) for x in rng.permutation(num_blocks)[:n]]
-                dst = list(range(n)) if args.contiguous else [int(x) for x in rng.permutation(num_blocks)[:n]]
-                verify = i == 1 and (args.verify or t <= 4096)
-                seconds, _ = await _transfer(
-                    prefill, peer, room, src, dst, layer_s=0.0, stream=False, digest=verify
-                )
-                room += 1
-                if i:
-                    times.append(seconds)
-            gbps = _gbps(nbytes, statistics.median(times))
-            out.setdefault("gbps", {}).setdefault(transport, {})[str(t)] = round(gbps, 3)
-            print(
-                f"{transport:>10}  {t:>6} tokens  {nbytes / 2**20:9.1f} MiB  {gbps:7.2f} GB/s  "
-                f"(scattered pages: {not args.contiguous}, verified: {args.verify or t <= 4096})"
-            )
-        if not args.no_stream:
-            t = tokens[-1]
-            n = math.ceil(t / layout.block_size)
-            src = [int(x) for x in rng.permutation(num_blocks)[:n]]
-            dst = [int(x) for x in rng.permutation(num_blocks)[:n]]
-            layer_s = args.layer_ms / 1000
-            after, _ = await _transfer(
-                prefill, peer, room, src, dst, layer_s=layer_s, stream=False, digest=False
-            )
-            streamed, fwd2 = await _transfer(
-                prefill, peer, room + 1, src, dst, layer_s=layer_s, stream=True, digest=False
-            )
-            room += 2
-            out.setdefault("streaming", {})[transport] = {
-                "tokens": t,
-                "forward_s": round(fwd2, 4),
-                "exposed_after_forward_s": round(after, 4),
-                "exposed_streaming_s": round(streamed, 4),
-                "hidden_fraction": round(1 - streamed / after, 3) if after > 0 else None,
+
+    def ids(self, n: int) -> list[int]:
+        if self.args.contiguous:
+            return list(range(n))
+        return [int(x) for x in self.rng.permutation(self.num_blocks)[:n]]
+
+    def next_room(self) -> int:
+        self.room += 1
+        return self.room
+
+    async def transport(self, transport: str, storage: torch.Tensor) -> None:
+        args, layout = self.args, self.layout
+        gpu = transport == "nccl"
+        config = TransferConfig.model_validate(
+            {
+                "transport": transport,
+                "device": "cuda:0" if gpu else "cpu",
+                "transfer_timeout_s": 120.0,
+                "waiting_timeout_s": 300.0,
             }
-            print(
-                f"{transport:>10}  streaming {t} tokens, forward {fwd2 * 1e3:.0f} ms: exposed "
-                f"{after * 1e3:.1f} ms when sent after the forward, {streamed * 1e3:.1f} ms layer by layer"
-            )
-    finally:
-        await asyncio.to_thread(peer.close)
-        await prefill.close()
-
-
-async def _run(args: argparse.Namespace) -> dict[str, Any]:
-    tokens = sorted(int(t) for t in str(args.tokens).split(",") if t.strip())
-    transports = [t.strip() for t in str(args.transports).split(",") if t.strip()]
-    layout = KVLayout(
-        num_layers=args.layers,
-        num_kv_heads=args.kv_heads,
-        head_dim=args.head_dim,
-        dtype=args.dtype,
-        block_size=args.block_size,
-    )
-    num_blocks = math.ceil(max(tokens) / layout.block_size)
-    print(
-        f"KV layout {layout}: {layout.bytes_per_token / 1024:.0f} KiB/token; pool {num_blocks} blocks = "
-        f"{num_blocks * layout.block_nbytes / 2**30:.2f} GiB per side; "
-        f"torch threads {torch.get_num_threads()}"
-    )
-    storage = allocate_kv_storage(layout, num_blocks)
-    fill_random(storage, 0)
-    out: dict[str, Any] = {"bench": "kv", "layout": layout.to_dict(), "tokens": tokens}
-    for t in tokens:
-        nbytes = math.ceil(t / layout.block_size) * layout.block_nbytes
-        sec = _memcpy(storage, nbytes, args.repeat)
-        out.setdefault("memcpy_gbps", {})[str(t)] = round(_gbps(nbytes, sec), 3)
-        print(f"{'memcpy':>10}  {t:>6} tokens  {nbytes / 2**20:9.1f} MiB  {_gbps(nbytes, sec):7.2f} GB/s")
-    if "tcp" in transports:
-        sink = await asyncio.to_thread(PeerProcess, "decode", layout, 1, TransferConfig(transport="fake"))
+        )
+        prefill = PrefillTransferService(
+            config, layout, storage.to("cuda:0") if gpu else storage, registry=CollectorRegistry()
+        )
+        await prefill.start()
+        decode_config = config.model_copy(update={"device": "cuda:1" if gpu else "cpu"})
+        peer = await asyncio.to_thread(
+            lambda: PeerProcess("decode", layout, self.num_blocks, decode_config, prefault=True)
+        )
+        memcpy = _Memcpy(storage) if LIMIT_OF[transport] == "memcpy" else None
+        limit = LIMIT_OF[transport]
         try:
-            for t in tokens:
-                nbytes = math.ceil(t / layout.block_size) * layout.block_nbytes
-                sec = await asyncio.to_thread(_raw_socket, sink, storage, nbytes, args.repeat)
-                out.setdefault("raw_socket_gbps", {})[str(t)] = round(_gbps(nbytes, sec), 3)
-                print(
-                    f"{'raw socket':>10}  {t:>6} tokens  {nbytes / 2**20:9.1f} MiB  "
-                    f"{_gbps(nbytes, sec):7.2f} GB/s"
+            for t in self.tokens:
+                n = math.ceil(t / layout.block_size)
+                nbytes = n * layout.block_nbytes
+                raw = (
+                    None
+                    if memcpy
+                    else await asyncio.to_thread(_RawSocket, peer, storage, nbytes, args.repeat + 1)
                 )
+                pairs: list[tuple[float, float]] = []
+                for i in range(args.repeat + 1):  # pair 0 warms up connections and page faults
+                    base = memcpy.run(nbytes) if memcpy else await asyncio.to_thread(raw.run)  # type: ignore[union-attr]
+                    verify = i == 1 and (args.verify or t <= 4096)
+                    sec, _ = await _transfer(
+                        prefill, peer, self.next_room(), self.ids(n), self.ids(n), digest=verify
+                    )
+                    if i:
+                        pairs.append((sec, base))
+                if raw is not None:
+                    await asyncio.to_thread(raw.close)
+                gbps = nbytes / statistics.median(s for s, _ in pairs) / 1e9
+                base_gbps = nbytes / statistics.median(b for _, b in pairs) / 1e9
+                ratio = statistics.median(b / s for s, b in pairs)
+                self.out["gbps"].setdefault(transport, {})[str(t)] = round(gbps, 3)
+                self.out.setdefault(f"{limit}_gbps", {})[str(t)] = round(base_gbps, 3)
+                self.out["ratio_vs_limit_by_tokens"].setdefault(transport, {})[str(t)] = round(ratio, 3)
+                print(
+                    f"{transport:>5} {t:>6} tokens {nbytes / 2**20:8.1f} MiB: {gbps:6.2f} GB/s | {limit} "
+                    f"{base_gbps:6.2f} GB/s | ratio {ratio:.2f} (median of {len(pairs)} pairs)"
+                )
+            if not args.no_stream:
+                await self.streaming(transport, prefill, peer)
         finally:
-            await asyncio.to_thread(sink.close)
-    rng = np.random.default_rng(0)
-    for transport in transports:
-        await _bench_transport(args, transport, layout, storage, tokens, num_blocks, rng, out)
-    ratios: dict[str, float] = {}
-    by_tokens: dict[str, dict[str, float]] = {}
-    for transport, per in out.get("gbps", {}).items():
-        limit = out.get(f"{LIMIT_OF.get(transport, 'memcpy')}_gbps", {})
-        by_tokens[transport] = {t: round(v / limit[t], 3) for t, v in per.items() if limit.get(t)}
-        if by_tokens[transport]:
-            ratios[transport] = by_tokens[transport][str(tokens[-1])]
-            print(
-                f"ratio {transport} / {LIMIT_OF[transport]}: "
-                + ", ".join(f"{t} tokens {r:.2f}" for t, r in by_tokens[transport].items())
-            )
-    out["ratio_vs_limit"] = ratios
-    out["ratio_vs_limit_by_tokens"] = by_tokens
-    out["limits"] = {t: LIMIT_OF[t] for t in ratios}
-    return out
+            await asyncio.to_thread(peer.close)
+            await prefill.close()
+
+    async def streaming(self, transport: str, prefill: PrefillTransferService, peer: PeerProcess) -> None:
+        t = self.tokens[-1]
+        n = math.ceil(t / self.layout.block_size)
+        src, dst = self.ids(n), self.ids(n)
+        layer_s = self.args.layer_ms / 1000
+        after, _ = await _transfer(prefill, peer, self.next_room(), src, dst, layer_s=layer_s)
+        streamed, fwd = await _transfer(
+            prefill, peer, self.next_room(), src, dst, layer_s=layer_s, stream=True
+        )
+        self.out.setdefault("streaming", {})[transport] = {
+            "tokens": t,
+            "forward_s": round(fwd, 4),
+            "exposed_after_forward_s": round(after, 4),
+            "exposed_streaming_s": round(streamed, 4),
+            "hidden_fraction": round(1 - streamed / after, 3) if after > 0 else None,
+        }
+        print(
+            f"{transport:>5} streaming {t} tokens, forward {fwd * 1e3:.0f} ms "
+            f"({self.args.layer_ms:g} ms/layer): exposed {after * 1e3:.1f} ms if sent after the forward, "
+            f"{streamed * 1e3:.1f} ms layer by layer"
+        )
+
+    async def run(self) -> dict[str, Any]:
+        layout = self.layout
+        print(
+            f"KV layout {layout}: {layout.bytes_per_token / 1024:.0f} KiB/token; "
+            f"pool {self.num_blocks} blocks = {self.num_blocks * layout.block_nbytes / 2**30:.2f} GiB/side; "
+            f"torch threads {torch.get_num_threads()}; scattered pages: {not self.args.contiguous}"
+        )
+        storage = allocate_kv_storage(layout, self.num_blocks)
+        fill_random(storage, 0)
+        for transport in [t.strip() for t in str(self.args.transports).split(",") if t.strip()]:
+            await self.transport(transport, storage)
+        by_tokens = self.out["ratio_vs_limit_by_tokens"]
+        self.out["ratio_vs_limit"] = {tr: per[str(self.tokens[-1])] for tr, per in by_tokens.items()}
+        self.out["limits"] = {tr: LIMIT_OF[tr] for tr in by_tokens}
+        return self.out
 
 
 def run_bench(args: argparse.Namespace) -> int:
     logging.getLogger("pdserve.kvtransfer").setLevel(logging.WARNING)
-    threading.current_thread().name = "bench-main"
-    result = asyncio.run(_run(args))
+    result = asyncio.run(_Bench(args).run())
     print(json.dumps(result))
     return 0

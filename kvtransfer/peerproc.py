@@ -14,7 +14,8 @@ Lifecycle:
    * decode: ``receive {room, host, port, blocks}`` (-> ``received`` with a digest of the
      received pages), ``abort {room}``;
    * both: ``digest {blocks}``, ``stats``, ``close``;
-   * ``raw_sink {nbytes}``: a plain TCP socket sink (the benchmark's raw loopback baseline);
+   * ``raw_sink {nbytes, repeat, buffer}``: a plain TCP socket sink (the benchmark's raw
+     loopback baseline);
 
 3. EOF on stdin or ``close`` closes the service and exits 0. Being killed (SIGKILL) is the point
    of some tests: the survivor must notice.
@@ -127,6 +128,8 @@ class Peer:
                 registry=registry,
                 advertise_addr=self.args.advertise,
             )
+            if self.args.prefault:  # touch every page now, as a long-running decode worker has
+                self.decode.kv_storage.view(-1).view(torch.uint8).fill_(0)
             await self.decode.start()
             self.emit(
                 "ready",
@@ -170,7 +173,9 @@ class Peer:
             if self.prefill is not None:
                 self.prefill.abort(int(cmd["room"]))
         elif name == "raw_sink":
-            self.spawn(asyncio.to_thread(self._raw_sink, int(cmd["nbytes"]), int(cmd.get("repeat", 1))))
+            nbytes = int(cmd["nbytes"])
+            size = int(cmd.get("buffer", nbytes))
+            self.spawn(asyncio.to_thread(self._raw_sink, nbytes, int(cmd.get("repeat", 1)), size))
         elif name == "close":
             return False
         return True
@@ -216,19 +221,21 @@ class Peer:
         except TransferError as exc:
             self.emit("received", room=room, **error_event(exc))
 
-    def _raw_sink(self, nbytes: int, repeat: int) -> None:
-        buf = np.empty(nbytes, dtype=np.uint8)
+    def _raw_sink(self, nbytes: int, repeat: int, size: int) -> None:
+        """Receive ``repeat`` streams of ``nbytes`` into a preallocated buffer of ``size`` bytes
+        (reused cyclically when smaller), acknowledging each with one byte."""
+        buf = np.empty(max(1, min(size, nbytes)), dtype=np.uint8)
         buf.fill(0)  # fault the pages in, as a preallocated KV pool would be
         view = buf.data
         with socket.create_server(("127.0.0.1", 0)) as server:
             self.emit("raw_port", port=server.getsockname()[1])
             conn, _ = server.accept()
             with conn:
-                conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
                 for _ in range(repeat):
                     got = 0
                     while got < nbytes:
-                        n = conn.recv_into(view[got:], nbytes - got)
+                        at = got % len(buf)
+                        n = conn.recv_into(view[at:], min(nbytes - got, len(buf) - at))
                         if n == 0:
                             self.emit("raw_done", ok=False, got=got)
                             return
@@ -270,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default="{}", help="TransferConfig as JSON")
     parser.add_argument("--port", type=int, default=0, help="prefill bootstrap port (0: any)")
     parser.add_argument("--advertise", default=None, help="decode address to advertise")
+    parser.add_argument("--prefault", action="store_true", help="decode: touch the whole KV pool at start")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     asyncio.run(Peer(args).run())

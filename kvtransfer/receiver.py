@@ -172,7 +172,9 @@ class ReceiverControl:
                 room.room,
                 self.config.abort_timeout_s,
             )
-        if not await asyncio.to_thread(self.backend.finish, room.room, self.config.abort_timeout_s):
+        if self.backend.local_receives and not await asyncio.to_thread(
+            self.backend.finish, room.room, self.config.abort_timeout_s
+        ):
             logger.error("room %d: local receives did not drain; releasing its pages", room.room)
         self._settle(room, None, error)
 
@@ -214,9 +216,12 @@ class ReceiverControl:
         self.spawn(self._verify(room, done))
 
     async def _verify(self, room: RecvRoom, done: Done) -> None:
-        if not await asyncio.to_thread(self.backend.finish, room.room, self.config.transfer_timeout_s):
+        if self.backend.local_receives and not await asyncio.to_thread(
+            self.backend.finish, room.room, self.config.transfer_timeout_s
+        ):
             self.fail(
-                room, TransferTimeoutError("local receives did not complete", phase="verify", room=room.room)
+                room,
+                TransferTimeoutError("local receives did not complete", phase="verify", room=room.room),
             )
             return
         if self.config.checksum:

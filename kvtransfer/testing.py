@@ -98,6 +98,7 @@ class PeerProcess:
         *,
         port: int = 0,
         advertise: str | None = None,
+        prefault: bool = False,
         start_timeout: float = 60.0,
     ) -> None:
         cmd = [
@@ -117,6 +118,8 @@ class PeerProcess:
         ]
         if advertise is not None:
             cmd += ["--advertise", advertise]
+        if prefault:
+            cmd.append("--prefault")
         env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
         self.proc = subprocess.Popen(
             cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env

@@ -19,7 +19,8 @@ With ``--router-url`` only phase 5 runs, against that router.
 from __future__ import annotations
 
 import argparse
-import shutil
+import importlib.util
+import logging
 import sys
 import tempfile
 import time
@@ -189,7 +190,7 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
         await wait_ready((LOCAL, r_port), "/health", 30.0, router)
         smg = None
         s_port = free_port()
-        if not args.no_smg and shutil.which("smg") is not None:
+        if not args.no_smg and importlib.util.find_spec("sglang_router") is not None:
             smg = spawn([sys.executable, "-m", "sglang_router.launch_router", "--pd-disaggregation",
                          "--prefill", f"http://{LOCAL}:{p_port}", str(p_boot), "--decode", f"http://{LOCAL}:{d_port}",
                          "--host", LOCAL, "--port", str(s_port), "--prometheus-host", LOCAL,
@@ -210,13 +211,15 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
         lat = await _interleaved_latency(targets, args)
         lat_ms = {name: pct(run.latencies) for name, run in lat.items()}
         _print("sequential latency ms", lat_ms)
-        added = {q: round(lat_ms["pdserve"][q] - lat_ms["direct"][q], 4) for q in ("p50", "p99")}
         result["latency_ms"] = lat_ms
-        result["router_added_latency_ms"] = added
-        if theirs is not None:
-            result["sglang_router_added_latency_ms"] = {
-                q: round(lat_ms["smg"][q] - lat_ms["direct"][q], 4) for q in ("p50", "p99")
-            }
+        # Requests to the targets alternate, so request i of each saw the same machine state:
+        # the added latency is taken over the paired differences (robust to slow drifts).
+        direct_lat = lat["direct"].latencies
+        for name, key in (("pdserve", "router_added_latency_ms"), ("smg", "sglang_router_added_latency_ms")):
+            if name in lat:
+                diffs = [a - b for a, b in zip(lat[name].latencies, direct_lat, strict=False)]
+                result[key] = {q: v for q, v in pct(diffs).items() if q in ("p50", "p99")}
+        _print("added latency vs direct, paired, ms", {k: result[k] for k in result if "added" in k})
 
         for stream in (False, True):
             kind = "stream" if stream else "json"
@@ -228,6 +231,7 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
             result[f"throughput_{kind}"] = tp
         ours_cpu = result["throughput_json"]["pdserve"]["cpu_us_per_req"]
         result["router_cpu_us_per_req"] = ours_cpu
+        result["router_cpu_vs_sglang_router"] = None  # without smg there is nothing to compare
         if theirs is not None:
             smg_cpu = result["throughput_json"]["smg"]["cpu_us_per_req"]
             result["sglang_router_cpu_us_per_req"] = smg_cpu
@@ -257,6 +261,8 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_bench(args: argparse.Namespace) -> int:
     import uvloop
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
 
     result = uvloop.run(_main(args))
     print(orjson.dumps(result).decode(), flush=True)

@@ -33,7 +33,8 @@ def add_router_arguments(parser: argparse.ArgumentParser) -> None:
                         help="model dir for the tokenizer/chat template")
     parser.add_argument("--served-model-name", default=None, metavar="NAME")
     p = parser.add_argument_group("routing")
-    p.add_argument("--policy", choices=["cache_aware", "load", "round_robin", "random"], default=None,
+    p.add_argument("--policy", "--prefill-policy", dest="policy",
+                   choices=["cache_aware", "load", "round_robin", "random"], default=None,
                    help="prefill worker policy (default cache_aware)")
     p.add_argument("--decode-policy", choices=["load", "round_robin", "random"], default=None,
                    help="decode worker policy (default load)")

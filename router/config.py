@@ -148,6 +148,9 @@ class RouterConfig(_Section):
     served_model_name: str | None = None
     max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
     max_inflight_requests: int | None = Field(default=None, ge=1)  # 429 beyond it
+    # Answer native /generate with ``x-pdserve-route: <mode> prefill=<url> target=<url>``
+    # (debugging aid; turn off to keep worker addresses away from clients).
+    route_header: bool = True
     policy: PolicyConfig = PolicyConfig()
     health: HealthConfig = HealthConfig()
     load: LoadConfig = LoadConfig()

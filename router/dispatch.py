@@ -35,11 +35,11 @@ from pdserve.router.errors import (
     PeerLegFailedError,
     UpstreamConnectError,
     UpstreamStatusError,
-    UpstreamTimeoutError,
 )
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.policy import Route, RoutingPolicy
 from pdserve.router.prefix_index import PromptKey
+from pdserve.router.retry import counts_against_worker, failure_kind, is_retryable
 from pdserve.router.upstream import HttpClient, UpstreamResponse
 from pdserve.router.workers import Worker, WorkerRegistry
 
@@ -47,38 +47,6 @@ logger = logging.getLogger(__name__)
 
 BOOTSTRAP_KEYS = ("bootstrap_host", "bootstrap_port", "bootstrap_room")
 _ERROR_PREFIXES = (b'data: {"error"', b'{"error"')
-
-
-def failure_kind(exc: BaseException, root: bool = False) -> str:
-    """Low-cardinality label for a failure (``root``: a peer-leg failure is named by its cause)."""
-    if isinstance(exc, PeerLegFailedError):
-        if root and exc.__cause__ is not None:
-            return failure_kind(exc.__cause__)
-        return "peer"
-    if isinstance(exc, UpstreamTimeoutError):
-        return "timeout"
-    if isinstance(exc, UpstreamConnectError):
-        return "connect"
-    if isinstance(exc, UpstreamStatusError):
-        return f"http_{exc.status // 100}xx"
-    return "other"
-
-
-def is_retryable(exc: BaseException, statuses: tuple[int, ...]) -> bool:
-    """Retry on connection errors, timeouts and the configured statuses (not on other 4xx)."""
-    if isinstance(exc, PeerLegFailedError):
-        cause = exc.__cause__
-        return cause is None or is_retryable(cause, statuses)
-    if isinstance(exc, UpstreamStatusError):
-        return exc.status in statuses
-    return isinstance(exc, UpstreamConnectError | UpstreamTimeoutError)
-
-
-def counts_against_worker(exc: BaseException) -> bool:
-    """Whether a failure should count toward the worker's circuit breaker."""
-    if isinstance(exc, UpstreamStatusError):
-        return exc.status >= 500 or exc.status == 408
-    return isinstance(exc, UpstreamConnectError | UpstreamTimeoutError)
 
 
 class _Pair:

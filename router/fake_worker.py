@@ -231,11 +231,13 @@ class FakeWorker:
             return Response(status_code=200 if s.healthy else 503)
 
         @app.get("/get_model_info")
+        @app.get("/model_info")
         async def model_info() -> JSONResponse:
             return JSONResponse({"model_path": s.model_path, "tokenizer_path": s.model_path,
                                  "is_generation": True, "served_model_name": s.served_model_name})
 
         @app.get("/get_server_info")
+        @app.get("/server_info")
         async def server_info() -> JSONResponse:
             bp = self.bootstrap.port if self.bootstrap is not None else None
             mode = {"prefill": "prefill", "decode": "decode"}.get(s.role, "null")

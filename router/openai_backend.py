@@ -55,6 +55,8 @@ class PDBackend:
         err: BaseException | None = None
         try:
             ex = await state.dispatcher.open(body, key, stream=True)
+            if hasattr(ctx, "exchange"):  # a RouterContext: lets the response clean up after us
+                ctx.exchange = ex
             mode = ex.route.mode
             parser = NativeOutputParser(request_id)
             chunk: bytes | None = ex.first

@@ -8,13 +8,17 @@ Per-request lifecycle:
 3. ``OpenAIServing.chat/completion`` templates, tokenises and calls :class:`PDBackend`; a streamed
    answer is returned only after its first delta, so failures before it are real HTTP statuses.
 4. Streams hand disconnect handling to Starlette (the generator is cancelled and closes the
-   backend, which aborts both legs); non-streamed requests rely on the watcher.
+   backend, which aborts both legs); non-streamed requests rely on the watcher. Whatever happens
+   to the stream (even a disconnect before its first byte), the response's cleanup closes the
+   stream, aborts the committed exchange if it is still open, and releases the admission slot.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -26,11 +30,34 @@ from pdserve.api.protocol import ChatCompletionRequest, CompletionRequest, parse
 from pdserve.api.serving import OpenAIServing
 from pdserve.errors import OverloadedError, PdserveError
 from pdserve.router.disconnect import DisconnectWatch
+from pdserve.router.dispatch import Exchange
 from pdserve.router.openai_backend import PDBackend
 from pdserve.router.passthrough import outcome_of
 from pdserve.router.state import RouterState
 
 DEFAULT_MAX_MODEL_LEN = 32768
+SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+
+
+@dataclass(eq=False)
+class RouterContext(RequestContext):
+    """The api layer's request context plus the router's committed exchange (for cleanup)."""
+
+    exchange: Exchange | None = None
+
+
+class _GuardedStream(StreamingResponse):
+    """A streaming response whose cleanup runs however the response ends (or never starts)."""
+
+    def __init__(self, body: AsyncIterator[bytes], cleanup: Callable[[], Awaitable[None]]) -> None:
+        super().__init__(body, media_type="text/event-stream", headers=SSE_HEADERS)
+        self._cleanup = cleanup
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._cleanup()
 
 
 class OpenAIRoutes:
@@ -73,7 +100,7 @@ class OpenAIRoutes:
         raw = await request.body()
         try:
             serving = self.serving()
-            ctx = RequestContext(disconnect_check=request.is_disconnected)
+            ctx = RouterContext(disconnect_check=request.is_disconnected)
             if route == "chat":
                 chat_req = parse_request(raw, ChatCompletionRequest)
                 st.admit()
@@ -112,18 +139,23 @@ class OpenAIRoutes:
             st.release()
             st.metrics.request(route, "success")
             return Response(orjson.dumps(result), media_type="application/json")
-        return StreamingResponse(self._stream(result, route), media_type="text/event-stream",
-                                 headers={"cache-control": "no-cache"})
+        stream = result
+        done = False
 
-    async def _stream(self, it: AsyncIterator[bytes], route: str) -> AsyncIterator[bytes]:
-        outcome = "cancelled"
-        try:
-            async for chunk in it:
+        async def body() -> AsyncIterator[bytes]:
+            nonlocal done
+            async for chunk in stream:
                 yield chunk
-            outcome = "success"
-        finally:
-            aclose = getattr(it, "aclose", None)
+            done = True
+
+        async def cleanup() -> None:
+            aclose = getattr(stream, "aclose", None)
             if aclose is not None:
-                await aclose()
-            self.state.release()
-            self.state.metrics.request(route, outcome)
+                with contextlib.suppress(Exception):
+                    await aclose()
+            if ctx.exchange is not None:
+                ctx.exchange.abort("client")  # no-op when the stream finished normally
+            st.release()
+            st.metrics.request(route, "success" if done else "cancelled")
+
+        return _GuardedStream(body(), cleanup)

@@ -121,7 +121,9 @@ async def handle_generate(state: RouterState, scope: Scope, receive: Receive, se
     outcome = "success"
     try:
         ex = await state.dispatcher.open(req, key, stream=stream, batch=batch)
-        headers = [(b"content-type", ex.content_type), _route_header(ex)]
+        headers = [(b"content-type", ex.content_type)]
+        if state.cfg.route_header:
+            headers.append(_route_header(ex))
         mode = ex.route.mode
         if not stream:
             headers.append((b"content-length", b"%d" % len(ex.first)))

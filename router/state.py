@@ -145,11 +145,12 @@ class RouterState:
         """Add a worker (POST /workers); it is probed once and enters routing only if healthy."""
         w = self.workers.add(spec)
         if self.cfg.health.enabled:
+            w.healthy = False  # not routable until the probe says so
             ok = await self.monitor.probe(w)
+            w.healthy = ok
             if not ok:
-                w.healthy = False
                 w.health_fails = self.cfg.health.failure_threshold
-                self.metrics.worker_healthy.labels(w.url, w.role).set(0)
+            self.metrics.worker_healthy.labels(w.url, w.role).set(1 if ok else 0)
         if self._discovery is None and self.served_model_name is None:
             self._discovery = asyncio.create_task(self._discover_loop())
         logger.info("registered %s worker %s (healthy=%s)", w.role, w.url, w.healthy)

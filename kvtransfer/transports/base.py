@@ -128,6 +128,8 @@ class RecvSink(Protocol):
 
 class RecvBackend(ABC):
     name: ClassVar[str]
+    # whether this side posts its own asynchronous receives (nccl) that finish() must await
+    local_receives: ClassVar[bool] = False
 
     def __init__(self, config: TransferConfig, store: PageStore, sink: RecvSink) -> None:
         self.config = config

@@ -185,6 +185,7 @@ class _RecvRoom:
 
 class NcclRecvBackend(RecvBackend):
     name: ClassVar[str] = "nccl"
+    local_receives: ClassVar[bool] = True
 
     def __init__(
         self,

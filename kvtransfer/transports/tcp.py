@@ -130,16 +130,18 @@ class TcpSendBackend(SendBackend):
                     if job.cancel.is_set():
                         return moved
                     ids = job.src[pos : pos + n]
-                    if is_consecutive(ids):
-                        k: Any = store.run_bytes(layer, 0, int(ids[0]), n)
-                        v: Any = store.run_bytes(layer, 1, int(ids[0]), n)
-                    else:  # one gather per kind into a fresh buffer zmq keeps alive until sent
+                    header = pack_data_header(DATA_KIND_PAGES, job.room, job.decode_inc, layer, pos, n)
+                    if is_consecutive(ids):  # zero-copy straight out of the pool
+                        k = store.run_bytes(layer, 0, int(ids[0]), n)
+                        v = store.run_bytes(layer, 1, int(ids[0]), n)
+                        self._send(sock, [header, k, v], job.room, job.cancel, job.deadline)
+                    else:  # one gather per kind into a fresh buffer, which zmq keeps alive until sent
                         stage = np.empty((2, n, store.page_nbytes), dtype=np.uint8)
                         np.take(store.host_pages(layer, 0), ids, axis=0, out=stage[0])
                         np.take(store.host_pages(layer, 1), ids, axis=0, out=stage[1])
-                        k, v = stage[0].data, stage[1].data
-                    header = pack_data_header(DATA_KIND_PAGES, job.room, job.decode_inc, layer, pos, n)
-                    self._send(sock, [header, k, v], job.room, job.cancel, job.deadline)
+                        self._send(
+                            sock, [header, stage[0].data, stage[1].data], job.room, job.cancel, job.deadline
+                        )
                     moved += 2 * n * store.page_nbytes
         except _Cancelled:
             return moved

@@ -244,6 +244,23 @@ async def test_abort_request_stops_a_pd_stream(pair: tuple[WorkerProcess, Worker
         assert bad.status_code == 400
 
 
+async def test_fake_bootstrap_host_is_sglang_warmup(pair: tuple[WorkerProcess, WorkerProcess]) -> None:
+    """SGLang's warmup: a request naming the fake bootstrap host completes at once on each leg
+    alone (no rendezvous, no transfer) and holds no page afterwards."""
+    prefill, decode = pair
+    body = {**_native(3), "bootstrap_host": "2.2.2.2", "bootstrap_port": 8998, "bootstrap_room": 7}
+    async with httpx.AsyncClient(timeout=30.0) as client:
+        t0 = time.monotonic()
+        p_resp, d_resp = await asyncio.gather(
+            client.post(prefill.url + "/generate", json=body),
+            client.post(decode.url + "/generate", json=body),
+        )
+        assert time.monotonic() - t0 < 5.0
+        assert p_resp.status_code == 200 and len(p_resp.json()["output_ids"]) == 1, p_resp.text
+        assert d_resp.status_code == 200 and len(d_resp.json()["output_ids"]) == 3, d_resp.text
+        await _all_pages_back(client, prefill, decode)
+
+
 async def test_prefill_killed_mid_request_is_a_clean_error_on_decode(
     pair: tuple[WorkerProcess, WorkerProcess],
 ) -> None:

@@ -12,7 +12,11 @@ over several chunks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +25,15 @@ import httpx
 import orjson
 import pytest
 
-from pdserve.decode_worker.testing import WorkerProcess, pd_post, pd_stream, spawn_worker, with_bootstrap
+from pdserve.decode_worker.testing import (
+    HOST,
+    WorkerProcess,
+    free_port,
+    pd_post,
+    pd_stream,
+    spawn_worker,
+    with_bootstrap,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -256,6 +268,85 @@ async def test_openai_chat_pd_equals_colocated(workers: dict[str, WorkerProcess]
     for transport, stream in (("shm", True), ("tcp", False)):
         got = await asyncio.gather(*(pd(transport, m, stream) for m in conversations))
         assert list(got) == expected, (transport, stream)
+
+
+@pytest.fixture(scope="module")
+def pd_router(
+    workers: dict[str, WorkerProcess], default_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """pdserve's own router in front of the shm pair (local prefill off: every request goes PD)."""
+    prefill, decode = _pair(workers, "shm")
+    port = free_port()
+    model = (httpx.get(decode.url + "/v1/models", timeout=10.0)).json()["data"][0]["id"]
+    cmd = [
+        sys.executable, "-m", "pdserve", "--log-level=warning", "router", "--host", HOST, "--port", str(port),
+        "--prefill", prefill.url, str(prefill.bootstrap_port), "--decode", decode.url,
+        "--model", str(default_model_dir), "--served-model-name", model, "--local-prefill-threshold", "0",
+    ]  # fmt: skip
+    log = tmp_path_factory.mktemp("pd-router-logs") / "router.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    url = f"http://{HOST}:{port}"
+    try:
+        deadline = time.monotonic() + 60.0
+        while True:
+            assert proc.poll() is None, log.read_text()
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url + "/readiness", timeout=2.0).status_code == 200:
+                    break
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15.0)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+async def test_pdserve_router_native_and_openai(pd_router: str, reference: dict[str, Any]) -> None:
+    from openai import AsyncOpenAI
+
+    async with httpx.AsyncClient(timeout=60.0) as client:
+        plain = await asyncio.gather(
+            *(client.post(pd_router + "/generate", json=_native(p)) for p in PROMPTS)
+        )
+        assert [r.json().get("output_ids") for r in plain] == reference["ids"], [r.text for r in plain][:2]
+        async with client.stream("POST", pd_router + "/generate", json=_native(PROMPTS[5], True)) as resp:
+            assert await _stream_ids(resp) == reference["ids"][5]
+        model = (await client.get(pd_router + "/v1/models")).json()["data"][0]["id"]
+    oai = AsyncOpenAI(base_url=pd_router + "/v1", api_key="none", max_retries=0, timeout=60.0)
+    try:
+        for i in (0, 4, 7):
+            kw: dict[str, Any] = {"model": model, "prompt": PROMPTS[i], "max_tokens": MAX_TOKENS,
+                                  "temperature": 0.0, "extra_body": {"ignore_eos": True}}  # fmt: skip
+            assert (await oai.completions.create(**kw)).choices[0].text == reference["text"][i]
+            pieces = [
+                c.choices[0].text async for c in await oai.completions.create(stream=True, **kw) if c.choices
+            ]
+            assert "".join(pieces) == reference["text"][i]
+    finally:
+        await oai.close()
+
+
+async def test_pdserve_router_disconnect_frees_pages(
+    pd_router: str, workers: dict[str, WorkerProcess]
+) -> None:
+    prefill, decode = _pair(workers, "shm")
+    body = {"input_ids": PROMPTS[7], "stream": True,
+            "sampling_params": {"max_new_tokens": 600, "temperature": 0.0, "ignore_eos": True}}  # fmt: skip
+    async with httpx.AsyncClient(timeout=60.0) as client:
+        async with client.stream("POST", pd_router + "/generate", json=body) as resp:
+            assert resp.status_code == 200
+            seen = 0
+            async for line in resp.aiter_lines():
+                seen += line.startswith("data: ")
+                if seen == 3:
+                    break
+        for w in (prefill, decode):
+            (load,) = await _settled_load(client, w)
+            assert load["free_kv_blocks"] == load["total_kv_blocks"] and load["num_running_reqs"] == 0, load
 
 
 async def test_every_page_returned_and_metrics(workers: dict[str, WorkerProcess]) -> None:

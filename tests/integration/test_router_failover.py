@@ -12,6 +12,7 @@ import httpx
 import orjson
 import pytest
 
+from pdserve.router.bench_util import free_port
 from pdserve.router.testing import FakeWorkerProcess, running_router, start_workers
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -131,8 +132,10 @@ async def test_colocated_and_pd_mixed(workers: list[FakeWorkerProcess]) -> None:
     assert {"pd", "colocated"} <= set(modes), f"both pools should take traffic: {modes}"
 
 
-async def test_worker_killed_mid_stream_gives_a_clean_error(tmp_path: Path) -> None:
-    prefill, decode = start_workers(["prefill", "decode"], tmp_path, tmp_path)
+async def test_worker_killed_mid_stream_gives_a_clean_error(workers: list[FakeWorkerProcess],
+                                                            tmp_path: Path) -> None:
+    prefill = workers[0]
+    (decode,) = start_workers(["decode"], tmp_path, tmp_path)
     try:
         await decode.configure(token_delay_s=0.1)
         async with running_router(workers=[prefill, decode]) as r, \
@@ -155,18 +158,16 @@ async def test_worker_killed_mid_stream_gives_a_clean_error(tmp_path: Path) -> N
             assert res2.status_code in (502, 503)
             assert res2.json()["error"]["code"] in (502, 503)
     finally:
-        prefill.close()
         decode.close()
 
 
-async def test_killed_decode_worker_before_first_token_is_retried(workers: list[FakeWorkerProcess],
-                                                                  tmp_path: Path) -> None:
+async def test_dead_decode_worker_before_first_token_is_retried(workers: list[FakeWorkerProcess]) -> None:
     p0, _, d, _ = workers
-    (doomed,) = start_workers(["decode"], tmp_path, tmp_path)
-    doomed.kill()
-    async with running_router(workers=[p0, doomed, d], health={"enabled": False},
+    dead = {"url": f"http://127.0.0.1:{free_port()}", "role": "decode"}  # a killed worker: port closed
+    async with running_router(workers=[p0, d], health={"enabled": False},
                               policy={"decode": "round_robin"}) as r, \
             httpx.AsyncClient(base_url=r.url, timeout=10) as c:
+        await c.post("/workers", json=dead)  # (no health check: routable until it fails)
         for _ in range(2):  # one of the two goes to the dead worker first and is retried
             res = await c.post("/generate", json=BODY)
             assert res.status_code == 200 and d.url in res.headers["x-pdserve-route"]

@@ -139,3 +139,6 @@ async def test_stream_disconnect_aborts_the_legs(
             break
     st = await decode.wait_stats(aborted=1)
     assert st["completed"] == 0
+    metrics = (await router.get("/metrics")).text
+    assert "pdserve:router_inflight_requests 0.0" in metrics
+    assert 'pdserve:router_requests_total{outcome="cancelled",route="chat"} 1.0' in metrics

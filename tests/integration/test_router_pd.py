@@ -4,13 +4,16 @@ legs (a failed leg cancels the other), client disconnects, conditional disaggreg
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from pathlib import Path
 
 import httpx
 import orjson
 import pytest
 
+from pdserve.router.bench_util import free_port, spawn, stop
 from pdserve.router.testing import FakeWorkerProcess, running_router, start_workers
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -64,6 +67,9 @@ async def test_pd_round_trip_json_and_sse(pd: tuple[FakeWorkerProcess, ...]) -> 
         batch = await c.post("/generate", json={"text": ["a", "b"], "sampling_params": two})
         assert batch.status_code == 200 and len(batch.json()) == 2
         metrics = (await c.get("/metrics")).text
+        await asyncio.sleep(0.3)  # at least one load poll (every 0.2 s here)
+        listed = (await c.get("/workers")).json()["workers"]
+        assert all(w["load"]["total_kv_blocks"] == 4096 and w["load"]["age_s"] is not None for w in listed)
     ps, ds = await prefill.stats(), await decode.stats()
     assert ps["completed"] == ds["completed"] == 4
     assert ps["rooms"] == ds["rooms"], "both legs of every request used the same room"
@@ -181,6 +187,51 @@ async def test_bad_input_is_4xx(pd: tuple[FakeWorkerProcess, ...]) -> None:
         assert gone.status_code == 404
         metrics = (await c.get("/metrics")).text
     assert 'pdserve:router_requests_total{outcome="client_error",route="generate"}' in metrics
+
+
+async def test_cli_router_process(pd: tuple[FakeWorkerProcess, ...], tmp_path: Path) -> None:
+    """``pdserve router`` in sglang-router's shape, as a real process."""
+    prefill, decode = pd
+    port = free_port()
+    cmd = [sys.executable, "-m", "pdserve.cli", "router", "--prefill", prefill.url,
+           str(prefill.bootstrap_port), "--decode", decode.url, "--host", "127.0.0.1", "--port", str(port),
+           "--health-interval", "0.5"]
+    log = tmp_path / "router.log"
+    proc = spawn(cmd, log)
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=5) as c:
+            deadline = time.monotonic() + 30
+            while True:
+                assert proc.poll() is None, log.read_text()
+                try:
+                    if (await c.get("/health")).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                assert time.monotonic() < deadline, "router did not start"
+                await asyncio.sleep(0.1)
+            res = await c.post("/generate", json=body(3, stream=True))
+            assert res.status_code == 200 and sse_events(res.content)[-1] == b"[DONE]"
+            assert (await c.get("/readiness")).json() == {"ready": True}
+    finally:
+        stop(proc)
+
+
+async def test_admission_limit_is_429(pd: tuple[FakeWorkerProcess, ...]) -> None:
+    _, decode = pd
+    await decode.configure(token_delay_s=0.1)
+    async with running_router(workers=pd, max_inflight_requests=1) as r, \
+            httpx.AsyncClient(base_url=r.url, timeout=10) as c:
+        slow, fast = await asyncio.gather(c.post("/generate", json=body(5, stream=True)),
+                                          _later(c.post("/generate", json=body(1))))
+        assert slow.status_code == 200
+        assert fast.status_code == 429 and fast.json()["error"]["type"] == "rate_limit_error"
+        assert (await c.post("/generate", json=body(1))).status_code == 200
+
+
+async def _later(coro: Awaitable[httpx.Response]) -> httpx.Response:
+    await asyncio.sleep(0.15)
+    return await coro
 
 
 async def test_no_workers_is_503_not_a_hang(tmp_path: Path) -> None:

@@ -98,6 +98,8 @@ async def test_generation_and_metrics(client: httpx.AsyncClient) -> None:
     for family in families:
         assert family in text, family
     assert (await client.post("/abort_request", json={"rid": "nobody"})).json() == {"aborted": 0}
+    assert (await client.post("/abort_request", json={"abort_all": True})).json() == {"aborted": 0}
+    _is_openai_error(await client.post("/abort_request", json={"abort_all": "yes"}), 400)
 
 
 LONG = "word " * 400  # > CONTEXT tokens

@@ -12,7 +12,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from pdserve.router.config import RouterConfig
-from pdserve.router.dispatch import Dispatcher, counts_against_worker, failure_kind, is_retryable
+from pdserve.router.dispatch import Dispatcher
 from pdserve.router.errors import (
     PeerLegFailedError,
     UpstreamConnectError,
@@ -22,6 +22,7 @@ from pdserve.router.errors import (
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.policy import RoutingPolicy
 from pdserve.router.prefix_index import key_from_ids
+from pdserve.router.retry import counts_against_worker, failure_kind, is_retryable
 from pdserve.router.workers import WorkerRegistry
 
 pytestmark = pytest.mark.unit
