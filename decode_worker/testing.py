@@ -3,7 +3,7 @@
 - :func:`spawn_worker` starts ``python -m pdserve worker ...`` as a subprocess (its own process
   group, log to a file); :meth:`WorkerProcess.wait_ready` polls ``/health`` (bounded) and
   raises with the log's tail if the process died; ``stop()`` sends SIGTERM (graceful) and
-  falls back to SIGKILL; ``kill()`` is the crash.
+  falls back to SIGKILL; ``kill()`` is the crash; :func:`stop_all` stops several in parallel.
 - :func:`pd_post` / :func:`pd_stream`: what a PD router does for one request: add a fresh
   ``bootstrap_room`` and the prefill's host/port to the body and send it to both legs at once;
   the decode leg's response is the client's. The prefill leg's response is returned too.
@@ -90,11 +90,25 @@ class WorkerProcess:
                 self.kill()
         return self.proc.poll()
 
+    def terminate(self) -> None:
+        """SIGTERM without waiting (see :func:`stop_all`)."""
+        if self.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+
     def kill(self) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(10.0)
+
+
+def stop_all(workers: Sequence[WorkerProcess], timeout_s: float = 15.0) -> None:
+    """Stop several workers at once: SIGTERM to all, then wait (SIGKILL stragglers)."""
+    for w in workers:
+        w.terminate()
+    for w in workers:
+        w.stop(timeout_s)
 
 
 def spawn_worker(

@@ -2,16 +2,19 @@
 
 Lifecycle of one step:
 
-1. :func:`build_attention_metadata` turns the step's chunks into flat tensors once: the position
-   and KV slot of every new token (``slot = block_table[pos // bs] * bs + pos % bs``), the decode
-   group (chunks of one token, batched together) and the prefill chunks (several tokens each).
-2. Per layer, :func:`write_kv` stores the new tokens' K (post-RoPE) and V into their slots.
+1. :func:`build_attention_metadata` (or :func:`metadata_from_packed` on an already packed
+   :class:`~pdserve.engine.batch.PackedBatch`) turns the step's chunks into a few tensors once:
+   the position and KV slot of every new token (``slot = block_table[pos // bs] * bs + pos % bs``,
+   computed with numpy on the host), the decode group (chunks of one token, batched together) and
+   the prefill chunks (several tokens each).
+2. Per layer, :func:`write_kv` stores the new tokens' K (post-RoPE) and V into their slots with
+   one ``index_copy_`` (K and V of a token are adjacent in the fused QKV output).
 3. Per layer, :func:`paged_attention` computes causal attention of every new query over its
    sequence's whole context (cached prefix + new tokens):
 
-   * decode group: one padded gather of the sequences' pages ``[S, blocks*bs, Hkv, D]`` and one
-     masked SDPA call, with the query heads folded onto their KV head (``[S, Hkv, G, D]``) so
-     grouped-query attention never materialises repeated K/V;
+   * decode group: one padded gather of the sequences' K and V pages together
+     (``[2, S, blocks*bs, Hkv, D]``) and one masked SDPA call, with the query heads folded onto
+     their KV head (``[S, Hkv, G, D]``) so grouped-query attention never materialises repeated K/V;
    * a prefill chunk with no cached prefix attends to its own fresh K/V with ``is_causal``;
    * a prefill chunk after a cached prefix gathers its pages and uses an offset causal mask
      (query ``i`` sees keys ``j <= start_pos + i``).
@@ -21,10 +24,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pdserve.engine.batch import SeqChunk
+from pdserve.engine.batch import PackedBatch, SeqChunk, pack_chunks
 
 
 @dataclass
@@ -39,7 +43,7 @@ class PrefillSpan:
 @dataclass
 class DecodeGroup:
     token_idx: torch.Tensor  # int64 [Sd] rows of the one-token chunks in the flat batch
-    block_ids: torch.Tensor  # int64 [Sd, max blocks] (padded with block 0, masked out)
+    block_ids: torch.Tensor  # int64 [Sd * max blocks] flat (padded with block 0, masked out)
     mask: torch.Tensor  # bool [Sd, 1, 1, max blocks * bs]: key position < context length
     is_whole_batch: bool  # every token of the batch is in the group, in order
 
@@ -50,74 +54,73 @@ class AttentionMetadata:
     slots: torch.Tensor  # int64 [T]
     decode: DecodeGroup | None
     prefills: list[PrefillSpan]
+    max_position: int  # one past the largest position in the step (sizes the RoPE table)
 
 
 def build_attention_metadata(
     chunks: list[SeqChunk], block_size: int, device: torch.device
 ) -> AttentionMetadata:
-    """Flatten a step's chunks (already validated) into the tensors every layer reuses."""
-    positions: list[int] = []
-    tables: list[list[int]] = []
-    lens: list[int] = []
-    ends: list[int] = []
-    decode_rows: list[int] = []
-    decode_seqs: list[int] = []
-    spans: list[tuple[int, int, int, int]] = []  # (seq, token_start, n, start_pos)
-    offset = 0
-    for seq, chunk in enumerate(chunks):
-        n = len(chunk.token_ids)
-        end = chunk.start_pos + n
-        tables.append(chunk.block_table[: -(-end // block_size)])
-        positions.extend(range(chunk.start_pos, end))
-        lens.append(n)
-        ends.append(end)
-        if n == 1:
-            decode_rows.append(offset)
-            decode_seqs.append(seq)
-        else:
-            spans.append((seq, offset, n, chunk.start_pos))
-        offset += n
-    width = max(len(t) for t in tables)
-    table_pad = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int64)
-    pos_t = torch.tensor(positions, dtype=torch.int64)
-    seq_of = torch.repeat_interleave(torch.arange(len(chunks)), torch.tensor(lens))
-    slots = table_pad[seq_of, pos_t // block_size] * block_size + pos_t % block_size
+    """Flatten a step's chunks (structure checked, limits not) into the tensors every layer reuses."""
+    return metadata_from_packed(pack_chunks(chunks, block_size), device)
+
+
+def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    tensor = torch.from_numpy(array)
+    return tensor if device.type == "cpu" else tensor.to(device)
+
+
+def metadata_from_packed(batch: PackedBatch, device: torch.device) -> AttentionMetadata:
+    """The per-step attention tensors of an already packed batch (host index math in numpy)."""
+    bs = batch.block_size
+    lens = batch.query_lens
+    decode = None
+    dec = np.flatnonzero(lens == 1)
+    if dec.size:
+        whole = dec.size == lens.size
+        widths = batch.table_lens if whole else batch.table_lens[dec]
+        width = int(widths.max())
+        ids = batch.block_tables[:, :width] if whole else batch.block_tables[dec, :width]
+        ends = batch.end_pos if whole else batch.end_pos[dec]
+        mask = np.arange(width * bs)[None, :] < ends[:, None]
+        decode = DecodeGroup(
+            token_idx=_to_device(batch.token_offsets[dec], device),
+            block_ids=_to_device(np.ascontiguousarray(ids).reshape(-1), device),
+            mask=_to_device(mask[:, None, None, :], device),
+            is_whole_batch=whole,
+        )
     prefills: list[PrefillSpan] = []
-    for seq, token_start, n, start_pos in spans:
-        if start_pos == 0:
+    for i in np.flatnonzero(lens > 1).tolist():
+        token_start, n, start = int(batch.token_offsets[i]), int(lens[i]), int(batch.start_pos[i])
+        if start == 0:
             prefills.append(PrefillSpan(token_start, n, 0, None, None))
             continue
-        end = start_pos + n
-        mask = torch.arange(end)[None, :] <= torch.arange(start_pos, end)[:, None]
-        ids = table_pad[seq, : len(tables[seq])]
-        prefills.append(PrefillSpan(token_start, n, start_pos, ids.to(device), mask.to(device)))
-    decode = None
-    if decode_rows:
-        dec_width = max(len(tables[s]) for s in decode_seqs)
-        dec_lens = torch.tensor([ends[s] for s in decode_seqs], dtype=torch.int64)
-        dec_mask = (torch.arange(dec_width * block_size)[None, :] < dec_lens[:, None])[:, None, None, :]
-        decode = DecodeGroup(
-            token_idx=torch.tensor(decode_rows, dtype=torch.int64).to(device),
-            block_ids=table_pad[decode_seqs, :dec_width].to(device),
-            mask=dec_mask.to(device),
-            is_whole_batch=len(decode_rows) == offset,
-        )
-    return AttentionMetadata(pos_t.to(device), slots.to(device), decode, prefills)
+        end = start + n
+        causal = np.arange(end)[None, :] <= np.arange(start, end)[:, None]
+        ids_i = np.ascontiguousarray(batch.block_tables[i, : int(batch.table_lens[i])])
+        prefills.append(PrefillSpan(token_start, n, start, _to_device(ids_i, device), _to_device(causal, device)))
+    return AttentionMetadata(
+        positions=_to_device(batch.positions, device),
+        slots=_to_device(batch.slots, device),
+        decode=decode,
+        prefills=prefills,
+        max_position=int(batch.end_pos.max()),
+    )
 
 
-def write_kv(kv_layer: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
-    """Store ``k, v [T, Hkv, D]`` into one layer's pages ``kv_layer [2, blocks, bs, Hkv, D]``."""
+def write_kv(kv_layer: torch.Tensor, kv: torch.Tensor, slots: torch.Tensor) -> None:
+    """Store the new tokens' ``kv [T, 2, Hkv, D]`` (K then V) into one layer's pages
+    ``kv_layer [2, blocks, bs, Hkv, D]`` with a single ``index_copy_``."""
     _, num_blocks, block_size, kv_heads, head_dim = kv_layer.shape
-    flat = kv_layer.view(2, num_blocks * block_size, kv_heads, head_dim)
-    flat[0].index_copy_(0, slots, k.to(flat.dtype))
-    flat[1].index_copy_(0, slots, v.to(flat.dtype))
+    flat = kv_layer.view(2, num_blocks * block_size, kv_heads, head_dim).transpose(0, 1)
+    flat.index_copy_(0, slots, kv.to(flat.dtype))
 
 
-def _gather_pages(pages: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
-    """``pages [blocks, bs, Hkv, D]`` gathered by ``block_ids [..., nb]`` -> ``[..., nb*bs, Hkv, D]``
-    (``index_select`` on the flat ids: much cheaper on CPU than advanced indexing)."""
-    got = pages.index_select(0, block_ids.reshape(-1))
-    return got.view(*block_ids.shape[:-1], -1, pages.shape[-2], pages.shape[-1])
+def _gather_pages(kv_layer: torch.Tensor, block_ids: torch.Tensor, num_seqs: int) -> torch.Tensor:
+    """K and V pages of ``block_ids [num_seqs * nb]`` (flat) in one ``index_select``:
+    ``[2, num_seqs, nb*bs, Hkv, D]`` (cheaper on CPU than advanced indexing)."""
+    _, num_blocks, block_size, kv_heads, head_dim = kv_layer.shape
+    got = kv_layer.view(2, num_blocks, -1).index_select(1, block_ids)
+    return got.view(2, num_seqs, -1, kv_heads, head_dim)
 
 
 def paged_attention(
@@ -133,63 +136,42 @@ def paged_attention(
     num_tokens, num_heads, head_dim = q.shape
     kv_heads = k.shape[1]
     groups = num_heads // kv_heads
-    k_pages, v_pages = kv_layer[0], kv_layer[1]
     dec = meta.decode
     if dec is not None and dec.is_whole_batch:
-        return _decode(q, k_pages, v_pages, dec, scale, groups).reshape(num_tokens, num_heads * head_dim)
+        return _decode(q, kv_layer, dec, scale, groups).view(num_tokens, num_heads * head_dim)
     out = q.new_empty(num_tokens, num_heads * head_dim)
     if dec is not None:
-        res = _decode(q.index_select(0, dec.token_idx), k_pages, v_pages, dec, scale, groups)
-        out.index_copy_(0, dec.token_idx, res.reshape(-1, num_heads * head_dim))
+        res = _decode(q.index_select(0, dec.token_idx), kv_layer, dec, scale, groups)
+        out.index_copy_(0, dec.token_idx, res.view(-1, num_heads * head_dim))
     for span in meta.prefills:
         rows = slice(span.token_start, span.token_start + span.num_tokens)
         if span.block_ids is None or span.mask is None:
-            res = _prefill_fresh(q[rows], k[rows], v[rows], scale, groups)
+            res = _grouped_sdpa(q[rows], k[rows], v[rows], None, scale, groups)
         else:
-            kc = _gather_pages(k_pages, span.block_ids)[: span.start_pos + span.num_tokens]
-            vc = _gather_pages(v_pages, span.block_ids)[: span.start_pos + span.num_tokens]
-            res = _prefill_cached(q[rows], kc, vc, span.mask, scale, groups)
+            length = span.start_pos + span.num_tokens
+            kvc = _gather_pages(kv_layer, span.block_ids, 1)[:, 0, :length]
+            res = _grouped_sdpa(q[rows], kvc[0], kvc[1], span.mask, scale, groups)
         out[rows] = res.reshape(span.num_tokens, num_heads * head_dim)
     return out
 
 
 def _decode(
-    q: torch.Tensor,
-    k_pages: torch.Tensor,
-    v_pages: torch.Tensor,
-    dec: DecodeGroup,
-    scale: float,
-    groups: int,
+    q: torch.Tensor, kv_layer: torch.Tensor, dec: DecodeGroup, scale: float, groups: int
 ) -> torch.Tensor:
-    """One token per sequence over its gathered pages; query heads grouped under their KV head."""
+    """One token per sequence over its gathered pages; query heads grouped under their KV head.
+    Returns ``[S, Hkv, G, D]`` (contiguous: viewable as ``[S, Hq * D]``)."""
     seqs, num_heads, head_dim = q.shape
-    kv_heads = num_heads // groups
-    kc = _gather_pages(k_pages, dec.block_ids).transpose(1, 2)  # [S, Hkv, L, D]
-    vc = _gather_pages(v_pages, dec.block_ids).transpose(1, 2)
-    qf = q.view(seqs, kv_heads, groups, head_dim)
-    res = F.scaled_dot_product_attention(qf, kc, vc, attn_mask=dec.mask, scale=scale)
-    return res.reshape(seqs, num_heads, head_dim)
-
-
-def _prefill_fresh(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, groups: int
-) -> torch.Tensor:
-    """Causal attention of a chunk over itself only (no cached prefix): ``[n, Hq, D]``."""
-    return _grouped_sdpa(q, k, v, None, scale, groups)
-
-
-def _prefill_cached(
-    q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, mask: torch.Tensor, scale: float, groups: int
-) -> torch.Tensor:
-    """Chunk after a cached prefix; ``kc, vc [L, Hkv, D]``, ``mask [n, L]`` -> ``[n, Hq, D]``."""
-    return _grouped_sdpa(q, kc, vc, mask, scale, groups)
+    kvc = _gather_pages(kv_layer, dec.block_ids, seqs).transpose(2, 3)  # [2, S, Hkv, L, D]
+    qf = q.view(seqs, num_heads // groups, groups, head_dim)
+    return F.scaled_dot_product_attention(qf, kvc[0], kvc[1], attn_mask=dec.mask, scale=scale)
 
 
 def _grouped_sdpa(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float, groups: int
 ) -> torch.Tensor:
     """4-D SDPA (the fused CPU/GPU kernels want 4-D) with query heads grouped under their KV head
-    (``[Hkv, G, n, D]``) and K/V broadcast over the group by a stride-0 expand (no copy)."""
+    (``[Hkv, G, n, D]``) and K/V broadcast over the group by a stride-0 expand (no copy).
+    ``mask`` None means causal over the chunk itself; returns ``[n, Hq, D]``."""
     n, num_heads, head_dim = q.shape
     length, kv_heads = k.shape[0], k.shape[1]
     qg = q.view(n, kv_heads, groups, head_dim).permute(1, 2, 0, 3)

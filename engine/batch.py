@@ -12,7 +12,11 @@ p % block_size``. ``need_logits=False`` marks a non-final prefill chunk whose lo
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
+from typing import NoReturn
+
+import numpy as np
 
 from pdserve.errors import ContextLengthError, InvalidRequestError, PdserveError
 
@@ -75,3 +79,115 @@ def validate_chunks(
         used = chunk.block_table[:need]
         if min(used) < 0 or max(used) >= num_blocks:
             raise InvalidBatchError(f"chunk {i}: block id outside [0, {num_blocks}) in {used}")
+
+
+@dataclass
+class PackedBatch:
+    """A step's chunks flattened once, as CPU numpy arrays (int64), for the runner and the
+    attention metadata. ``T`` = tokens in the step, ``S`` = chunks, ``W`` = widest block table."""
+
+    token_ids: np.ndarray  # [T]
+    positions: np.ndarray  # [T] position of each token in its sequence
+    slots: np.ndarray  # [T] KV slot of each token: block_table[pos // bs] * bs + pos % bs
+    query_lens: np.ndarray  # [S] tokens of each chunk
+    token_offsets: np.ndarray  # [S] row of each chunk's first token in the flat batch
+    start_pos: np.ndarray  # [S]
+    end_pos: np.ndarray  # [S]
+    table_lens: np.ndarray  # [S] blocks covering [0, end_pos): ceil(end_pos / bs)
+    block_tables: np.ndarray  # [S, W], row i valid up to table_lens[i], padded with block 0
+    logit_rows: np.ndarray  # [<= S] last row of every need_logits chunk, in chunk order
+    block_size: int
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.token_ids.shape[0])
+
+    @property
+    def all_rows_need_logits(self) -> bool:
+        """Every row of the flat batch is a chunk's last token that wants logits (pure decode)."""
+        return int(self.logit_rows.shape[0]) == self.num_tokens
+
+
+@dataclass(frozen=True)
+class BatchLimits:
+    """What :func:`pack_chunks` checks every chunk against (see :func:`validate_chunks`)."""
+
+    num_blocks: int
+    max_positions: int
+    vocab_size: int
+
+
+def pack_chunks(chunks: list[SeqChunk], block_size: int, limits: BatchLimits | None = None) -> PackedBatch:
+    """Flatten ``chunks`` (at least one) into a :class:`PackedBatch` with vectorised index math.
+
+    With ``limits`` every chunk is checked with a few array reductions; a violation is reported
+    by :func:`validate_chunks`, which names the first bad chunk. Without ``limits`` only the
+    structure needed to pack is checked (tokens present, ``start_pos >= 0``, tables long enough).
+    """
+    num = len(chunks)
+    if num == 0:
+        raise InvalidBatchError("a step needs at least one chunk")
+    lens = np.fromiter((len(c.token_ids) for c in chunks), np.int64, num)
+    starts = np.fromiter((c.start_pos for c in chunks), np.int64, num)
+    have = np.fromiter((len(c.block_table) for c in chunks), np.int64, num)
+    ends = starts + lens
+    need = -(-ends // block_size)
+    if int(lens.min()) <= 0 or int(starts.min()) < 0 or bool((have < need).any()):
+        _raise_first_error(chunks, block_size, limits)
+    total = int(lens.sum())
+    need_list: list[int] = need.tolist()
+    tables = np.zeros((num, max(need_list)), np.int64)
+    try:
+        if total == num:  # pure decode: one token per chunk
+            token_ids = np.fromiter((c.token_ids[0] for c in chunks), np.int64, num)
+        else:
+            ids = itertools.chain.from_iterable(c.token_ids for c in chunks)
+            token_ids = np.fromiter(ids, np.int64, total)
+        for i, chunk in enumerate(chunks):
+            n = need_list[i]
+            tables[i, :n] = chunk.block_table[:n]
+    except (OverflowError, TypeError, ValueError):  # ids beyond int64, non-integers
+        _raise_first_error(chunks, block_size, limits)
+    if limits is not None and (
+        int(token_ids.min()) < 0
+        or int(token_ids.max()) >= limits.vocab_size
+        or int(ends.max()) > limits.max_positions
+        or int(tables.min()) < 0
+        or int(tables.max()) >= limits.num_blocks
+    ):
+        _raise_first_error(chunks, block_size, limits)
+    offsets = np.cumsum(lens) - lens
+    if total == num:
+        seq_of = np.arange(num)
+        positions = starts
+    else:
+        seq_of = np.repeat(np.arange(num), lens)
+        positions = np.arange(total) - offsets[seq_of] + starts[seq_of]
+    slots = tables[seq_of, positions // block_size] * block_size + positions % block_size
+    wants = np.fromiter((c.need_logits for c in chunks), np.bool_, num)
+    return PackedBatch(
+        token_ids=token_ids,
+        positions=positions,
+        slots=slots,
+        query_lens=lens,
+        token_offsets=offsets,
+        start_pos=starts,
+        end_pos=ends,
+        table_lens=need,
+        block_tables=tables,
+        logit_rows=(offsets + lens - 1)[wants],
+        block_size=block_size,
+    )
+
+
+def _raise_first_error(chunks: list[SeqChunk], block_size: int, limits: BatchLimits | None) -> NoReturn:
+    if limits is None:  # structure only: limits that cannot trip
+        limits = BatchLimits(num_blocks=2**62, max_positions=2**62, vocab_size=2**62)
+    validate_chunks(
+        chunks,
+        block_size=block_size,
+        num_blocks=limits.num_blocks,
+        max_positions=limits.max_positions,
+        vocab_size=limits.vocab_size,
+    )
+    raise InvalidBatchError("inconsistent step chunks")  # unreachable: validate_chunks raised

@@ -6,8 +6,9 @@ Lifecycle:
    straight to the device (``engine.weights``), derives the :class:`KVLayout` and allocates the KV
    pool — or adopts a caller-provided one (e.g. a shared-memory segment owned by the KV transfer
    service), which must match ``layout.storage_shape(num_blocks)``, dtype and device;
-2. :meth:`ModelRunner.run` validates the step's chunks, packs them into one flat token batch,
-   builds the attention metadata once, runs the forward pass under ``torch.inference_mode`` —
+2. :meth:`ModelRunner.run` packs the step's chunks into one flat token batch with vectorised host
+   index math, validating them on the way (``engine.batch.pack_chunks``), builds the attention
+   metadata once, runs the forward pass under ``torch.inference_mode`` —
    writing each new token's K/V into its slot and calling ``on_layer_done(i)`` after layer ``i``'s
    K/V are written — and returns float32 logits for the chunks with ``need_logits``, in order;
 3. the runner holds no per-request state; dropping it frees the weights and (if it allocated it)
@@ -24,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from pdserve.engine.attention import build_attention_metadata
-from pdserve.engine.batch import SeqChunk, validate_chunks
+from pdserve.engine.attention import metadata_from_packed
+from pdserve.engine.batch import BatchLimits, SeqChunk, pack_chunks
 from pdserve.engine.kv_layout import KVLayout, allocate_kv_storage
 from pdserve.engine.model import Glm4MoeModel, MtpLayerWeights
 from pdserve.engine.model_config import ModelConfig
@@ -105,6 +106,9 @@ class ModelRunner:
             block_size=block_size,
         )
         self._num_blocks = num_blocks
+        self._limits = BatchLimits(
+            num_blocks=num_blocks, max_positions=cfg.max_position_embeddings, vocab_size=cfg.vocab_size
+        )
         if kv_storage is not None:
             self._check_kv_storage(kv_storage)
         t0 = time.perf_counter()
@@ -168,25 +172,14 @@ class ModelRunner:
     def run(self, chunks: list[SeqChunk], on_layer_done: Callable[[int], None] | None = None) -> torch.Tensor:
         """Compute one step; float32 logits ``[chunks with need_logits, vocab]`` in chunk order."""
         cfg = self._config
-        validate_chunks(
-            chunks,
-            block_size=self._layout.block_size,
-            num_blocks=self._num_blocks,
-            max_positions=cfg.max_position_embeddings,
-            vocab_size=cfg.vocab_size,
-        )
         if not chunks:
             return torch.empty(0, cfg.vocab_size, dtype=torch.float32)
-        token_ids: list[int] = []
-        logit_rows: list[int] = []
-        for chunk in chunks:
-            token_ids.extend(chunk.token_ids)
-            if chunk.need_logits:
-                logit_rows.append(len(token_ids) - 1)
+        batch = pack_chunks(chunks, self._layout.block_size, self._limits)
+        device = self._device
         with torch.inference_mode():
-            meta = build_attention_metadata(chunks, self._layout.block_size, self._device)
-            input_ids = torch.tensor(token_ids, dtype=torch.int64).to(self._device)
-            rows = torch.tensor(logit_rows, dtype=torch.int64).to(self._device)
+            meta = metadata_from_packed(batch, device)
+            input_ids = torch.from_numpy(batch.token_ids).to(device)
+            rows = None if batch.all_rows_need_logits else torch.from_numpy(batch.logit_rows).to(device)
             hidden = self._model.forward(input_ids, meta, self._kv, rows, on_layer_done)
         # The LM head runs outside inference mode so the caller gets an ordinary tensor it may
         # modify in place (sampling penalties, masking).

@@ -1,4 +1,4 @@
-"""GLM-4-MoE routed experts: sigmoid router with group-limited top-k, grouped expert compute.
+"""GLM-4-MoE routed experts: sigmoid router with group-limited top-k, expert compute in two modes.
 
 Routing (HF ``Glm4MoeTopkRouter``, always in float32):
 
@@ -9,9 +9,17 @@ Routing (HF ``Glm4MoeTopkRouter``, always in float32):
 4. the top ``num_experts_per_tok`` eligible experts are chosen; their weights are the *raw*
    sigmoid scores, renormalised when ``norm_topk_prob`` and scaled by ``routed_scaling_factor``.
 
-Expert compute groups the (token, slot) pairs by expert with one stable argsort, runs one
-SwiGLU per *active* expert on its contiguous slice, and accumulates the weighted outputs with a
-single ``index_add_`` (per token, in ascending expert order — the order HF sums them in).
+Expert compute (both give the HF result up to float rounding):
+
+* **grouped** (:func:`experts_forward`, many tokens): the (token, slot) pairs are grouped by expert
+  with one stable argsort, one SwiGLU runs per *active* expert on its contiguous slice, and the
+  weighted outputs are accumulated with a single ``index_add_`` (per token, in ascending expert
+  order — the order HF sums them in); the shared expert(s) are added after, as HF does;
+* **dense** (:func:`dense_experts_forward`, few tokens, small experts — decode): every expert and
+  the shared expert(s) run on every token as two GEMMs over concatenated weights
+  (:class:`DenseExperts`), the routing weights (0 for unchosen experts, 1 for shared ones) scale
+  the intermediate activations, and the down GEMM sums over experts. A decode step then costs ~15
+  small ops instead of ~6 per active expert; the extra FLOPs are cheap while ``T * E`` is small.
 """
 
 from __future__ import annotations
@@ -22,6 +30,12 @@ import torch
 import torch.nn.functional as F
 
 from pdserve.engine.layers import swiglu_mlp
+
+# Dense expert compute while tokens * routed experts <= this and the layer's concatenated expert
+# weights stay small (they are copied once): measured on CPU with 8 experts of 64 x 128, the dense
+# path wins up to ~64 tokens (see docs/benchmarks.md).
+DENSE_MAX_TOKEN_EXPERTS = 512
+DENSE_MAX_WEIGHT_BYTES = 32 * 2**20
 
 
 @dataclass
@@ -46,6 +60,51 @@ class RouterParams:
     routed_scaling_factor: float
 
 
+@dataclass
+class DenseExperts:
+    """Routed experts then shared expert units as ``P = E + S`` uniform "pseudo-experts" of
+    intermediate size ``I`` (a shared expert of ``n * I`` units is ``n`` of them: SwiGLU is
+    per-unit, so splitting its units is exact). ``gate_up [P * 2I, H]`` (per pseudo-expert: gate
+    rows, then up rows), ``down [H, P * I]``."""
+
+    num_routed: int
+    num_shared: int
+    intermediate: int
+    gate_up: torch.Tensor
+    down: torch.Tensor
+    max_tokens: int  # use the dense path for at most this many tokens
+
+    @classmethod
+    def build(cls, w: MoEWeights) -> DenseExperts | None:
+        """Concatenated weights of ``w``, or None when they would be too large to be worth it."""
+        num_experts, two_i, hidden = w.gate_up.shape
+        inter = two_i // 2
+        max_tokens = DENSE_MAX_TOKEN_EXPERTS // num_experts
+        nbytes = (w.gate_up.numel() + w.down.numel()) * w.gate_up.element_size()
+        if max_tokens < 1 or nbytes > DENSE_MAX_WEIGHT_BYTES:
+            return None
+        gate_up = [w.gate_up.reshape(num_experts * two_i, hidden)]
+        down = [w.down.permute(1, 0, 2).reshape(hidden, num_experts * inter)]
+        num_shared = 0
+        if w.shared_gate_up is not None and w.shared_down is not None:
+            shared_inter = w.shared_gate_up.shape[0] // 2
+            if shared_inter % inter:
+                return None
+            num_shared = shared_inter // inter
+            gate, up = w.shared_gate_up[:shared_inter], w.shared_gate_up[shared_inter:]
+            for j in range(num_shared):
+                gate_up += [gate[j * inter : (j + 1) * inter], up[j * inter : (j + 1) * inter]]
+            down.append(w.shared_down)
+        return cls(
+            num_routed=num_experts,
+            num_shared=num_shared,
+            intermediate=inter,
+            gate_up=torch.cat(gate_up, dim=0).contiguous(),
+            down=torch.cat(down, dim=1).contiguous(),
+            max_tokens=max_tokens,
+        )
+
+
 def route(
     x: torch.Tensor, router: torch.Tensor, bias: torch.Tensor, p: RouterParams
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,10 +117,8 @@ def route(
         grouped = choice.view(num_tokens, p.n_group, num_experts // p.n_group)
         group_scores = grouped.topk(2, dim=-1)[0].sum(dim=-1)
         group_idx = torch.topk(group_scores, k=p.topk_group, dim=-1, sorted=False)[1]
-        group_mask = torch.zeros_like(group_scores, dtype=torch.bool)
-        group_mask.scatter_(1, group_idx, True)
-        keep = group_mask.unsqueeze(-1).expand_as(grouped).reshape(num_tokens, num_experts)
-        choice = choice.masked_fill(~keep, float("-inf"))
+        drop = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, group_idx, False)
+        choice = grouped.masked_fill(drop.unsqueeze(-1), float("-inf")).view(num_tokens, num_experts)
     topk_ids = torch.topk(choice, k=p.top_k, dim=-1, sorted=False)[1]
     weights = scores.gather(1, topk_ids)
     if p.norm_topk_prob:
@@ -73,7 +130,7 @@ def route(
 def experts_forward(
     x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, w: MoEWeights
 ) -> torch.Tensor:
-    """Weighted sum over each token's chosen experts, ``[T, H]`` in ``x.dtype``."""
+    """Weighted sum over each token's chosen experts, ``[T, H]`` in ``x.dtype`` (grouped mode)."""
     top_k = topk_ids.shape[1]
     if topk_ids.shape[0] == 0:
         return torch.zeros_like(x)
@@ -98,9 +155,27 @@ def experts_forward(
     return out
 
 
-def moe_forward(x: torch.Tensor, w: MoEWeights, p: RouterParams) -> torch.Tensor:
-    """HF ``Glm4MoeMoE.forward``: routed experts plus the shared expert(s)."""
+def dense_experts_forward(
+    x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, d: DenseExperts
+) -> torch.Tensor:
+    """Routed experts *plus* shared expert(s) for every token of ``x [T, H]`` (dense mode)."""
+    num_tokens = x.shape[0]
+    pseudo, inter = d.num_routed + d.num_shared, d.intermediate
+    gu = F.linear(x, d.gate_up).view(num_tokens, pseudo, 2, inter)
+    act = F.silu(gu[:, :, 0]) * gu[:, :, 1]  # [T, P, I]
+    coef = torch.zeros(num_tokens, pseudo, dtype=torch.float32, device=x.device)
+    coef[:, d.num_routed :] = 1.0
+    coef.scatter_(1, topk_ids, topk_weights)
+    act *= coef.to(x.dtype).unsqueeze(-1)
+    return F.linear(act.view(num_tokens, pseudo * inter), d.down)
+
+
+def moe_forward(x: torch.Tensor, w: MoEWeights, p: RouterParams, dense: DenseExperts | None = None) -> torch.Tensor:
+    """HF ``Glm4MoeMoE.forward``: routed experts plus the shared expert(s). ``dense``: the layer's
+    concatenated weights, used when ``x`` has at most ``dense.max_tokens`` rows."""
     topk_weights, topk_ids = route(x, w.router, w.correction_bias, p)
+    if dense is not None and x.shape[0] <= dense.max_tokens:
+        return dense_experts_forward(x, topk_weights, topk_ids, dense)
     out = experts_forward(x, topk_weights, topk_ids, w)
     if w.shared_gate_up is not None and w.shared_down is not None:
         out = out + swiglu_mlp(x, w.shared_gate_up, w.shared_down)

@@ -93,6 +93,7 @@ class DecodePeers:
             )
         peer = DecodePeer(msg.decode_inc, msg.decode_addr, dict(msg.endpoint), identity)
         d = self.decodes[msg.decode_inc] = DecodeRecord(peer, now)
+        self.svc.prepare(peer)  # map its segment / connect its data socket before the first pages
         self.by_addr[msg.decode_addr] = msg.decode_inc
         return d
 

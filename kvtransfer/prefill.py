@@ -50,7 +50,7 @@ from pdserve.kvtransfer.runtime import DataThread, LoopHandle, wait_until
 from pdserve.kvtransfer.sender import KVSender, SendRoom, TransferResult
 from pdserve.kvtransfer.states import KVPoll
 from pdserve.kvtransfer.transports import make_send_backend
-from pdserve.kvtransfer.transports.base import SendJob
+from pdserve.kvtransfer.transports.base import DecodePeer, SendJob
 
 logger = logging.getLogger(__name__)
 
@@ -303,6 +303,18 @@ class PrefillTransferService:
 
     def capture_ready_event(self) -> Any:
         return self.backend.capture_ready_event()
+
+    def prepare(self, peer: DecodePeer) -> None:
+        """Connect to a new decode off the critical path (its first room's pages retry and
+        report any error)."""
+
+        def job() -> None:
+            try:
+                self.backend.connect(peer)
+            except TransferError as exc:
+                logger.debug("early connect to decode %s failed: %s", peer.decode_addr, exc)
+
+        self.data.submit(job)
 
     def _run_pages(self, room: SendRoom, rect: tuple[int, int, int, int]) -> None:
         with room.busy:

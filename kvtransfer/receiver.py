@@ -107,6 +107,7 @@ class ReceiverControl:
     rooms: dict[int, RecvRoom]
     peers: dict[str, PrefillPeer]
     incarnation: str
+    addr: str
 
     def spawn(self, coro: Any) -> None:
         raise NotImplementedError
@@ -365,8 +366,6 @@ class ReceiverControl:
                         continue
                     if now - peer.last_ping >= cfg.heartbeat_interval_s:
                         peer.last_ping = now
-                        self.send(
-                            peer, Ping(decode_inc=self.incarnation, decode_addr=getattr(self, "addr", ""))
-                        )
+                        self.send(peer, Ping(decode_inc=self.incarnation, decode_addr=self.addr))
                 elif silent > cfg.idle_peer_s:
                     self.close_peer(peer)

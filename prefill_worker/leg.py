@@ -35,7 +35,7 @@ from pdserve.engine.outputs import RequestOutput
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.errors import AbortedError, PdserveError, WorkerError
 from pdserve.kvtransfer.config import TransferConfig
-from pdserve.kvtransfer.errors import TransferError
+from pdserve.kvtransfer.errors import RoomError, TransferError
 from pdserve.kvtransfer.prefill import PrefillTransferService
 from pdserve.kvtransfer.protocol import AuxData
 from pdserve.kvtransfer.runtime import wait_until
@@ -111,6 +111,13 @@ class PrefillLeg:
             in_engine = False
             await self._free(request_id)  # kvtransfer no longer reads the pages
             yield final
+        except RoomError as exc:
+            self.metrics.transfer_failures.labels("prefill", exc.reason).inc()
+            if not in_engine:
+                raise  # a malformed or duplicate room: the client's mistake (400)
+            # the prompt's pages moved under the room (the sequence was preempted and recomputed
+            # elsewhere): this worker's problem, and a retry on a new pair succeeds (502)
+            raise WorkerError(f"prefill of {request_id!r} lost its KV pages mid-transfer: {exc}") from exc
         except TransferError as exc:
             self.metrics.transfer_failures.labels("prefill", exc.reason).inc()
             raise

@@ -104,7 +104,12 @@ def run_router(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     if not cfg.workers:
         logger.warning("no workers configured; register them with POST /workers")
-    app = RouterApp(cfg, freeze_gc=True)
+    tokenizer = None
+    if cfg.model_path is not None:  # fail here, with one clear line, if --model is unusable
+        from pdserve.engine.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.from_dir(cfg.model_path)
+    app = RouterApp(cfg, freeze_gc=True, tokenizer=tokenizer)
     level = logging.getLogger().getEffectiveLevel()
     uvicorn.run(
         app, host=cfg.host, port=cfg.port, loop="uvloop", http="httptools", access_log=False,

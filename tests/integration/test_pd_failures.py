@@ -18,7 +18,14 @@ import httpx
 import orjson
 import pytest
 
-from pdserve.decode_worker.testing import WorkerProcess, free_port, pd_stream, spawn_worker, with_bootstrap
+from pdserve.decode_worker.testing import (
+    WorkerProcess,
+    free_port,
+    pd_stream,
+    spawn_worker,
+    stop_all,
+    with_bootstrap,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -45,8 +52,7 @@ def pair(
         decode.wait_ready(180.0)
         yield prefill, decode
     finally:
-        prefill.stop()
-        decode.stop()
+        stop_all([prefill, decode])
 
 
 def _native(max_new_tokens: int = 8, stream: bool = False, prompt: list[int] = PROMPT) -> dict[str, Any]:

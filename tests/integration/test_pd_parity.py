@@ -32,6 +32,7 @@ from pdserve.decode_worker.testing import (
     pd_post,
     pd_stream,
     spawn_worker,
+    stop_all,
     with_bootstrap,
 )
 
@@ -68,8 +69,7 @@ def workers(
             w.wait_ready(180.0)
         yield procs
     finally:
-        for w in procs.values():
-            w.stop()
+        stop_all(list(procs.values()))
 
 
 @pytest.fixture(scope="module")
@@ -174,47 +174,49 @@ async def test_openai_completions_pd_colocated_offline(
 
     both = workers["both"]
     model = (await _models(both))[0]
-    texts: dict[str, list[str]] = {}
+    clients = {
+        w.url: AsyncOpenAI(base_url=w.url + "/v1", api_key="none", max_retries=0, timeout=60.0)
+        for w in (both, workers["decode-shm"], workers["decode-tcp"])
+    }
 
     async def completion(base: str, prompt: list[int], stream: bool, extra: dict[str, Any]) -> str:
-        oai = AsyncOpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=60.0)
+        oai = clients[base]
         kwargs: dict[str, Any] = {
             "model": model,
             "prompt": prompt,
             "max_tokens": MAX_TOKENS,
             "temperature": 0.0,
+            "extra_body": {"ignore_eos": True, **extra},
         }
-        body = {"ignore_eos": True, **extra}
-        try:
-            if not stream:
-                resp = await oai.completions.create(**kwargs, extra_body=body)
-                assert resp.choices[0].finish_reason == "length"
-                return resp.choices[0].text
-            chunks = await oai.completions.create(**kwargs, stream=True, extra_body=body)
-            out = []
-            async for chunk in chunks:
-                out.append(chunk.choices[0].text)
-            return "".join(out)
-        finally:
-            await oai.close()
+        if not stream:
+            resp = await oai.completions.create(**kwargs)
+            assert resp.choices[0].finish_reason == "length"
+            return resp.choices[0].text
+        return "".join(
+            [chunk.choices[0].text async for chunk in await oai.completions.create(stream=True, **kwargs)]
+        )
 
     async def pd(transport: str, prompt: list[int], stream: bool) -> str:
         prefill, decode = _pair(workers, transport)
         triple = with_bootstrap({}, prefill)
         body = {"model": model, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0.0, **triple,
                 "ignore_eos": True, "stream": stream}  # fmt: skip
-        async with httpx.AsyncClient(timeout=60.0) as client:
-            p_leg = asyncio.ensure_future(client.post(prefill.url + "/v1/completions", json=body))
-            text = await completion(decode.url, prompt, stream, triple)
-            assert (await p_leg).status_code == 200
+        p_leg = asyncio.ensure_future(http.post(prefill.url + "/v1/completions", json=body))
+        text = await completion(decode.url, prompt, stream, triple)
+        assert (await p_leg).status_code == 200
         return text
 
-    for transport in ("shm", "tcp"):
-        for stream in (False, True):
-            texts[f"{transport}-{stream}"] = list(
-                await asyncio.gather(*(pd(transport, p, stream) for p in PROMPTS))
-            )
-    texts["both"] = list(await asyncio.gather(*(completion(both.url, p, True, {}) for p in PROMPTS)))
+    texts: dict[str, list[str]] = {}
+    async with httpx.AsyncClient(timeout=60.0) as http:
+        try:
+            for transport in ("shm", "tcp"):
+                for stream in (False, True):
+                    key = f"{transport}-stream={stream}"
+                    texts[key] = list(await asyncio.gather(*(pd(transport, p, stream) for p in PROMPTS)))
+            texts["both"] = list(await asyncio.gather(*(completion(both.url, p, True, {}) for p in PROMPTS)))
+        finally:
+            for oai in clients.values():
+                await oai.close()
     for key, got in texts.items():
         assert got == reference["text"], key
 

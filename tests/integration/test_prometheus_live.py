@@ -1,218 +1,354 @@
-"""Observability, live: a real Prometheus server scrapes a real local fleet (``pdserve up``, tiny
-default model) through the service-discovery file the fleet controller writes, and every query
-of the Grafana dashboard and of the rules file returns data. ``promtool`` checks the config and
-the rules. Needs Debian's ``prometheus`` package (scripts/test.sh installs it); skips without.
+"""deploy/prometheus and deploy/grafana against a real Prometheus scraping a real fleet.
 
-Only the evaluation/scrape intervals of deploy/prometheus/prometheus.yml are shortened (to 1 s)
-for the test; the queries themselves are used verbatim, with Grafana's variables filled in.
-Alert expressions follow the rules file's convention ``<signal> <op> <number>`` joined by
-and/or/unless: each signal must return data (the alert itself need not fire)."""
+1. promtool checks the scrape config, the rule file, and every dashboard query (fed to it as
+   recording rules, so Prometheus' own parser reads each one).
+2. The live test starts Prometheus on 127.0.0.1 (free port, tmp data dir, 1 s scrape and rule
+   evaluation) with a copy of deploy/prometheus/{prometheus,rules}.yml, and a real fleet with
+   ``pdserve up`` (embedded Ray cluster on loopback, real router and workers on the tiny default
+   model) that writes the file_sd targets Prometheus follows. It then sends traffic: PD requests
+   (KV transfer), a streamed request the client abandons (cancelled legs), a request failing on an
+   injected sick decode worker (retry, leg failure, breaker opening) and a decode request whose
+   prefill peer is dead (KV transfer failure). Finally every dashboard query, every recording rule
+   and every alert's signal (its expression without the threshold) must return data.
+
+Only the prometheus binaries are optional: without them the tests skip, saying so.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
-import openai
 import pytest
 import yaml
 
-from pdserve.deploy.server_actor import free_port
+from pdserve.router.bench_util import free_port
+from pdserve.router.testing import FakeWorkerProcess
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.timeout(900),
-    pytest.mark.skipif(
-        not (shutil.which("prometheus") and shutil.which("promtool")),
-        reason="Prometheus is not installed (apt-get install prometheus; scripts/test.sh does it)",
-    ),
-]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
-REPO = Path(__file__).resolve().parents[2]
-PROM_DIR = REPO / "deploy" / "prometheus"
-DASHBOARD = REPO / "deploy" / "grafana" / "pdserve-dashboard.json"
-FLEET = "obs"
-MODEL = "tiny-glm"
-
-
-def _pdserve(state_dir: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PDSERVE_STATE_DIR": str(state_dir), "PDSERVE_LOG_LEVEL": "warning"}
-    return subprocess.run([sys.executable, "-m", "pdserve", *args], capture_output=True, text=True,
-                          env=env, timeout=timeout, stdin=subprocess.DEVNULL)
+ROOT = Path(__file__).resolve().parents[2]
+PROM_DIR = ROOT / "deploy" / "prometheus"
+DASHBOARD = ROOT / "deploy" / "grafana" / "pdserve-dashboard.json"
+PROMETHEUS, PROMTOOL = shutil.which("prometheus"), shutil.which("promtool")
+needs_promtool = pytest.mark.skipif(
+    PROMTOOL is None, reason="promtool not installed (Debian: apt-get install prometheus)"
+)
+FLEET = "promlive"
+MODEL_NAME = "promlive-model"
+# Same convention as tests/unit/test_observability_files.py: `<signal> <cmp> <literal>`.
+THRESHOLD_RE = re.compile(r"\s*(?:==|!=|>=|<=|>|<)\s*(?:bool\s+)?-?[0-9.]+(?:e[+-]?[0-9]+)?(?=\s|\)|$)")
 
 
-@pytest.fixture(scope="module")
-def obs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """deploy/prometheus copied next to a targets/ dir, with 1 s scrape/evaluation intervals."""
-    out = tmp_path_factory.mktemp("prometheus")
-    config = yaml.safe_load((PROM_DIR / "prometheus.yml").read_text())
-    config["global"].update(scrape_interval="1s", scrape_timeout="1s", evaluation_interval="1s")
-    (out / "prometheus.yml").write_text(yaml.safe_dump(config, sort_keys=False))
-    for rule_file in config.get("rule_files", []):
-        shutil.copy(PROM_DIR / rule_file, out / rule_file)
-    (out / "targets").mkdir()
+def dashboard_queries(fleet: str) -> dict[str, str]:
+    data = json.loads(DASHBOARD.read_text())
+    out = {}
+    for panel in data["panels"]:
+        for t in panel.get("targets", []):
+            expr = t["expr"].replace("$__rate_interval", "1m").replace("$fleet", fleet)
+            out[f"panel {panel['title']!r} {t['refId']}"] = expr
     return out
 
 
-def test_promtool_accepts_the_config_and_rules(obs_dir: Path) -> None:
-    for args in (["check", "config", str(PROM_DIR / "prometheus.yml")],
-                 ["check", "rules", str(PROM_DIR / "rules.yml")]):
-        proc = subprocess.run(["promtool", *args], capture_output=True, text=True, timeout=60)
-        assert proc.returncode == 0, proc.stdout + proc.stderr
+_SETOPS = re.compile(r"\s(?:and|or|unless)\s")
 
 
-@pytest.fixture(scope="module")
-def fleet(obs_dir: Path, tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path) -> Iterator[str]:
-    state_dir = tmp_path_factory.mktemp("state")
-    port = free_port("127.0.0.1")
-    config = obs_dir / "fleet.yaml"
-    config.write_text(f"""\
-engine: {{model: {default_model_dir}, max_model_len: 1024, num_blocks: 256}}
-kvtransfer: {{transport: tcp}}
-router: {{port: {port}, served_model_name: {MODEL}}}
-fleet:
-  name: {FLEET}
-  prometheus_sd_file: {obs_dir / "targets" / f"{FLEET}.json"}
-  timeouts: {{health_interval_s: 0.5}}
-""")
-    up = _pdserve(state_dir, "up", "--config", str(config), "--detach")
-    try:
-        assert up.returncode == 0, up.stderr
-        yield up.stdout.strip().splitlines()[-1]
-    finally:
-        down = _pdserve(state_dir, "down", "--name", FLEET, "--no-drain", timeout=300)
-        assert down.returncode == 0, down.stderr
+def alert_signals(expr: str) -> list[str]:
+    """``(a > 0.1 and b > 0.1) or c == 0`` -> ``["a", "b", "c"]``: the set operands of an alert,
+    each without its numeric threshold (which only holds under a real failure)."""
+    signals = []
+    for part in _SETOPS.split(" ".join(expr.split())):
+        part = part.strip()
+        while part.startswith("(") and part.endswith(")") and _balanced(part[1:-1]):
+            part = part[1:-1].strip()
+        part = part.lstrip("(").strip() if not _balanced(part) and part.startswith("(") else part
+        part = part.rstrip(")").strip() if not _balanced(part) and part.endswith(")") else part
+        signals.append(THRESHOLD_RE.sub("", part).strip())
+    return [s for s in signals if s]
 
 
-@pytest.fixture(scope="module")
-def prometheus(obs_dir: Path, fleet: str) -> Iterator[str]:
-    port = free_port("127.0.0.1")
-    proc = subprocess.Popen(
-        ["prometheus", f"--config.file={obs_dir / 'prometheus.yml'}", f"--storage.tsdb.path={obs_dir / 'data'}",
-         f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
-        stdout=subprocess.DEVNULL, stderr=open(obs_dir / "prometheus.log", "wb"), stdin=subprocess.DEVNULL,
-    )
+def _balanced(text: str) -> bool:
+    depth = 0
+    for ch in text:
+        depth += {"(": 1, ")": -1}.get(ch, 0)
+        if depth < 0:
+            return False
+    return depth == 0
+
+
+def rule_queries() -> dict[str, str]:
+    rules = yaml.safe_load((PROM_DIR / "rules.yml").read_text())
+    out = {}
+    for group in rules["groups"]:
+        for rule in group["rules"]:
+            if "record" in rule:
+                out[f"record {rule['record']}"] = rule["record"]  # evaluated and stored
+                out[f"record {rule['record']} (expr)"] = rule["expr"]
+            else:
+                for i, signal_expr in enumerate(alert_signals(rule["expr"])):
+                    out[f"alert {rule['alert']} signal {i}"] = signal_expr
+    return out
+
+
+def test_alert_signal_splitting() -> None:
+    assert alert_signals('a:b > 0.144\nand\nc{x="1"} > 0.144') == ["a:b", 'c{x="1"}']
+    assert alert_signals("(\n a > 0.03\n and b > 0.03\n)\nor\n(c > 0.01)") == ["a", "b", "c"]
+    assert alert_signals("max by (f) (m) == 0") == ["max by (f) (m)"]
+    assert alert_signals("sum by (f) (x)\n/\n(sum by (f) (y) + z)\n> 0.01") == [
+        "sum by (f) (x) / (sum by (f) (y) + z)"]
+
+
+def _promtool(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    assert PROMTOOL is not None
+    return subprocess.run([PROMTOOL, *map(str, args)], capture_output=True, text=True, timeout=60)
+
+
+@needs_promtool
+def test_promtool_checks_config_and_rules() -> None:
+    res = _promtool("check", "config", PROM_DIR / "prometheus.yml")
+    assert res.returncode == 0, res.stdout + res.stderr
+    res = _promtool("check", "rules", PROM_DIR / "rules.yml")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "SUCCESS" in res.stdout
+
+
+@needs_promtool
+def test_promtool_parses_every_dashboard_query(tmp_path: Path) -> None:
+    queries = dashboard_queries(".*")
+    rules = [{"record": f"dashboard:query_{i}:check", "expr": e} for i, e in enumerate(queries.values())]
+    path = tmp_path / "dashboard-queries.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+    res = _promtool("check", "rules", path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert f"SUCCESS: {len(rules)} rules found" in res.stdout
+
+
+# -- the live run --------------------------------------------------------------------------------
+
+
+def _wait(pred: Any, timeout_s: float, what: str, proc: subprocess.Popen[bytes] | None = None) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = pred()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"{what}: the process exited with {proc.returncode}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout_s:.0f} s")
+        time.sleep(0.2)
+
+
+def _stop(proc: subprocess.Popen[bytes], sig: int, timeout_s: float) -> None:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout_s)
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # its own session: only what it started
+        proc.wait(10)
+
+
+@contextlib.contextmanager
+def prometheus(tmp: Path) -> Iterator[str]:
+    assert PROMETHEUS is not None
+    prom = tmp / "prom"
+    (prom / "targets").mkdir(parents=True)
+    cfg = yaml.safe_load((PROM_DIR / "prometheus.yml").read_text())
+    cfg["global"].update(scrape_interval="1s", scrape_timeout="1s", evaluation_interval="1s")
+    (prom / "prometheus.yml").write_text(yaml.safe_dump(cfg))
+    shutil.copy(PROM_DIR / "rules.yml", prom / "rules.yml")
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
+    log = (tmp / "prometheus.log").open("wb")
+    proc = subprocess.Popen(
+        [
+            PROMETHEUS,
+            f"--config.file={prom / 'prometheus.yml'}",
+            f"--storage.tsdb.path={prom / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--log.level=warn",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
-        _until(lambda: _get(f"{url}/-/ready") == 200, 60, "Prometheus to be ready", obs_dir)
+        _wait(lambda: _get(f"{url}/-/ready") == 200, 30, "prometheus ready", proc)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        _stop(proc, signal.SIGTERM, 10)
+        log.close()
 
 
 def _get(url: str) -> int:
     try:
-        return httpx.get(url, timeout=2).status_code
+        return httpx.get(url, timeout=2.0).status_code
     except httpx.HTTPError:
         return 0
 
 
-def _until(ok: Any, timeout_s: float, what: str, obs_dir: Path | None = None) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not ok():
-        if time.monotonic() > deadline:
-            log = (obs_dir / "prometheus.log").read_text()[-2000:] if obs_dir else ""
-            raise AssertionError(f"timed out waiting for {what}\n{log}")
-        time.sleep(0.5)
+@contextlib.contextmanager
+def fleet(tmp: Path, model_dir: Path, sd_file: Path) -> Iterator[str]:
+    """``pdserve up`` in the foreground (it serves until SIGTERM, then tears everything down)."""
+    router_port = free_port()
+    config = {
+        "engine": {"model": str(model_dir), "num_blocks": 256, "max_model_len": 1024},
+        "router": {
+            "port": router_port,
+            "served_model_name": MODEL_NAME,
+            "policy": {"decode": "round_robin"},  # the sick decode worker gets a turn
+            "breaker": {"failure_threshold": 1, "open_timeout_s": 120},
+            "health": {"interval_s": 1.0},
+        },
+        "fleet": {
+            "name": FLEET,
+            "prometheus_sd_file": str(sd_file),
+            "ray": {"num_cpus": 8},
+            "timeouts": {"health_interval_s": 0.5},
+        },
+    }
+    cfg_path = tmp / "pdserve.yaml"
+    cfg_path.write_text(yaml.safe_dump(config))
+    state = tmp / "state"
+    env = {**os.environ, "PDSERVE_STATE_DIR": str(state)}
+    out, err = tmp / "up.out", (tmp / "up.log").open("wb")
+    with out.open("wb") as out_fh:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pdserve", "up", "--config", str(cfg_path), "--state-dir", str(state)],
+            stdout=out_fh,
+            stderr=err,
+            env=env,
+            start_new_session=True,
+        )
+    try:
+        _wait(lambda: "http://" in out.read_text(), 200, "pdserve up", proc)
+        yield f"http://127.0.0.1:{router_port}"
+    finally:
+        _stop(proc, signal.SIGTERM, 90)
+        err.close()
+        if (state / f"{FLEET}.json").exists() or any(state.glob("*.json")):
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "pdserve",
+                    "down",
+                    "--name",
+                    FLEET,
+                    "--state-dir",
+                    str(state),
+                    "--no-drain",
+                    "--timeout",
+                    "30",
+                ],
+                env=env,
+                timeout=120,
+                check=False,
+            )
 
 
-def _query(prom: str, expr: str) -> list[dict[str, Any]]:
-    resp = httpx.get(f"{prom}/api/v1/query", params={"query": expr}, timeout=10)
-    body = resp.json()
-    assert body.get("status") == "success", f"{expr!r}: {body}"
-    return list(body["data"]["result"])
+def _sd_roles(sd_file: Path) -> list[str]:
+    try:
+        return sorted(g["labels"]["role"] for g in json.loads(sd_file.read_text()))
+    except (OSError, ValueError):
+        return []
 
 
-def _traffic(router: str) -> None:
-    """Requests that exercise every path the dashboard shows: PD chat (streamed and not), text
-    completions, a cache-hitting repeat, client errors, and a client that hangs up mid-stream."""
-    client = openai.OpenAI(base_url=f"{router}/v1", api_key="none", max_retries=0, timeout=120.0)
-    messages = [{"role": "user", "content": "Write a short poem about the sea. " * 8}]
-    for _ in range(3):
-        client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8)  # type: ignore[arg-type]
-    for _ in client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, stream=True):  # type: ignore[arg-type]
-        pass
-    client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=6)
-    with pytest.raises(openai.APIStatusError):
-        client.completions.create(model="no-such-model", prompt="x", max_tokens=2)
-    stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=64, stream=True)  # type: ignore[arg-type]
-    next(iter(stream))
-    stream.close()  # the client goes away mid-stream
+def _sd_url(sd_file: Path, role: str) -> str:
+    groups = json.loads(sd_file.read_text())
+    (group,) = [g for g in groups if g["labels"]["role"] == role]
+    return f"http://{group['targets'][0]}"
 
 
-def _dashboard_exprs() -> list[str]:
-    exprs: list[str] = []
-
-    def walk(panels: list[dict[str, Any]]) -> None:
-        for panel in panels:
-            exprs.extend(t["expr"] for t in panel.get("targets", []) if t.get("expr"))
-            walk(panel.get("panels", []))
-
-    walk(json.loads(DASHBOARD.read_text())["panels"])
-    return exprs
-
-
-def _grafana_vars(expr: str) -> str:
-    for var, value in (("__rate_interval", "1m"), ("__interval", "5s"), ("__range", "5m"), ("fleet", FLEET)):
-        expr = expr.replace(f"${{{var}}}", value).replace(f"${var}", value)
-    return expr
-
-
-_SETOPS = re.compile(r"\s(and|or|unless)\s")
-_THRESHOLD = re.compile(r"\s*(==|!=|>=|<=|>|<)\s*(bool\s+)?-?[0-9.]+(e-?[0-9]+)?\s*$")
-
-
-def alert_signals(expr: str) -> list[str]:
-    """``(a > 1 and b > 1) or c == 0`` -> ``["a", "b", "c"]`` (set operators split at any depth,
-    parentheses stripped, one trailing numeric comparison removed)."""
-    signals = []
-    for part in _SETOPS.split(" ".join(expr.split()))[::2]:
-        part = part.strip().strip("()").strip()
-        signals.append(_THRESHOLD.sub("", part).strip())
-    return [s for s in signals if s]
-
-
-def test_alert_signal_splitting() -> None:
-    assert alert_signals("a:b > 0.144\nand\nc{x=\"1\"} > 0.144") == ["a:b", 'c{x="1"}']
-    assert alert_signals("(\n a > 0.03\n and b > 0.03\n)\nor\n(c > 0.01)") == ["a", "b", "c"]
-    assert alert_signals("max by (f) (m) == 0") == ["max by (f) (m)"]
-
-
-def _rule_queries() -> list[tuple[str, str]]:
-    queries = []
-    for group in yaml.safe_load((PROM_DIR / "rules.yml").read_text())["groups"]:
-        for rule in group["rules"]:
-            if "record" in rule:
-                queries.append((f"record {rule['record']}", rule["record"]))
-                queries.append((f"record {rule['record']} (expr)", rule["expr"]))
-            else:
-                queries.extend((f"alert {rule['alert']}", s) for s in alert_signals(rule["expr"]))
-    return queries
+def _traffic(router: str, sick: FakeWorkerProcess, sd_file: Path) -> None:
+    # A decode request whose prefill peer never answers: a KV transfer failure (decode side),
+    # in the background while the rest runs (it takes the peer-death timeout, ~3 s).
+    decode_url = _sd_url(sd_file, "decode")
+    dead = {
+        "input_ids": [5, 6, 7, 8],
+        "sampling_params": {"max_new_tokens": 2},
+        "bootstrap_host": "127.0.0.1",
+        "bootstrap_port": free_port(),
+        "bootstrap_room": 4242,
+    }
+    bg = threading.Thread(target=lambda: httpx.post(f"{decode_url}/generate", json=dead, timeout=60))
+    bg.start()
+    try:
+        sick.wait_ready()
+        httpx.post(f"{sick.url}/fake/config", json={"fail_next": 1000, "fail_status": 503}).raise_for_status()
+        with httpx.Client(base_url=router, timeout=60) as c:
+            c.post("/workers", json={"url": sick.url, "role": "decode"}).raise_for_status()
+            for i in range(4):  # round robin: one of these lands on the sick worker and is retried
+                r = c.post(
+                    "/generate",
+                    json={
+                        "text": f"request {i} about prefill and decode",
+                        "sampling_params": {"max_new_tokens": 4},
+                    },
+                )
+                assert r.status_code == 200, r.text
+            chat = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+            assert c.post("/v1/chat/completions", json=chat).status_code == 200
+            assert c.post("/v1/chat/completions", json={**chat, "model": "nope"}).status_code == 404
+            with c.stream(
+                "POST", "/v1/chat/completions", json={**chat, "max_tokens": 400, "stream": True}
+            ) as s:
+                next(s.iter_bytes())  # first chunk, then hang up: the router cancels both legs
+        workers = httpx.get(f"{router}/workers", timeout=10).json()["workers"]
+        sick_state = next(w for w in workers if w["url"] == sick.url)
+        assert sick_state["breaker"] == "open", sick_state
+    finally:
+        bg.join(60)
 
 
-def test_every_dashboard_and_rule_query_returns_data(fleet: str, prometheus: str, obs_dir: Path) -> None:
-    targets = json.loads((obs_dir / "targets" / f"{FLEET}.json").read_text())
-    assert sorted(g["labels"]["role"] for g in targets) == ["controller", "decode", "prefill", "router"]
-    _until(lambda: len([r for r in _query(prometheus, "up == 1") if r["metric"].get("fleet") == FLEET]) >= 4,
-           60, "all four fleet targets to be scraped", obs_dir)
-    _traffic(fleet)
-    time.sleep(4.0)  # a few scrapes and rule evaluations after the traffic
-    queries = [(f"dashboard #{i}", _grafana_vars(e)) for i, e in enumerate(_dashboard_exprs())]
-    queries += _rule_queries()
-    assert len(queries) > 50
-    empty = [(where, expr) for where, expr in queries if not _query(prometheus, expr)]
-    assert not empty, "queries without data:\n" + "\n".join(f"  {w}: {' '.join(e.split())}" for w, e in empty)
+def _query(prom: str, expr: str) -> list[Any]:
+    r = httpx.get(f"{prom}/api/v1/query", params={"query": expr}, timeout=10)
+    body = r.json()
+    assert body["status"] == "success", (expr, body)
+    result: list[Any] = body["data"]["result"]
+    return result
+
+
+@pytest.mark.skipif(
+    PROMETHEUS is None, reason="prometheus not installed (Debian: apt-get install prometheus)"
+)
+def test_every_dashboard_and_rule_query_returns_data(tmp_path: Path, default_model_dir: Path) -> None:
+    queries = {**dashboard_queries(FLEET), **rule_queries()}
+    with prometheus(tmp_path) as prom:
+        sd_file = tmp_path / "prom" / "targets" / f"{FLEET}.json"
+        # A decode worker that passes health checks but fails every request (started early: it
+        # boots while the fleet does).
+        sick = FakeWorkerProcess("decode", default_model_dir, tmp_path, served_model_name=MODEL_NAME)
+        with contextlib.ExitStack() as stack:
+            stack.callback(sick.close)
+            router = stack.enter_context(fleet(tmp_path, default_model_dir, sd_file))
+            roles = ["controller", "decode", "prefill", "router"]
+            _wait(lambda: _sd_roles(sd_file) == roles, 30, "the fleet's Prometheus targets file")
+            _wait(lambda: len(_query(prom, f'up{{fleet="{FLEET}"}} == 1')) == 4, 30, "4 targets up")
+            _traffic(router, sick, sd_file)
+            missing: dict[str, str] = {}
+            deadline = time.monotonic() + 30
+            while True:
+                missing = {k: e for k, e in queries.items() if not _query(prom, e)}
+                if not missing or time.monotonic() > deadline:
+                    break
+                time.sleep(1.0)
+            # The dashboard's fleet variable: label_values(up{component="router"}, fleet).
+            fleets = {s["metric"].get("fleet") for s in _query(prom, 'up{component="router"}')}
+    assert not missing, "queries without data:\n" + "\n".join(f"{k}: {e}" for k, e in missing.items())
+    assert FLEET in fleets
+    assert len(queries) > 80

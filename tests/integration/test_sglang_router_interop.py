@@ -25,7 +25,7 @@ import httpx
 import orjson
 import pytest
 
-from pdserve.decode_worker.testing import HOST, WorkerProcess, free_port, spawn_worker
+from pdserve.decode_worker.testing import HOST, WorkerProcess, free_port, spawn_worker, stop_all
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -67,8 +67,7 @@ def cluster(default_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
                 router.wait(15.0)
             except subprocess.TimeoutExpired:
                 router.kill()
-        prefill.stop()
-        decode.stop()
+        stop_all([prefill, decode])
 
 
 def _wait_router(url: str, proc: subprocess.Popen[bytes], log: Path, timeout_s: float = 60.0) -> None:

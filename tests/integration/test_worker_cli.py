@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pdserve.decode_worker.testing import HOST, WorkerProcess, free_port, spawn_worker
+from pdserve.decode_worker.testing import HOST, WorkerProcess, free_port, spawn_worker, stop_all
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -68,8 +68,7 @@ def pair(
         decode.wait_ready(180.0)
         yield prefill, decode
     finally:
-        prefill.stop()
-        decode.stop()
+        stop_all([prefill, decode])
 
 
 def test_prefill_listens_on_its_bootstrap_port(pair: tuple[WorkerProcess, WorkerProcess]) -> None:

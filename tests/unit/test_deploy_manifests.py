@@ -288,7 +288,9 @@ def _k8s_fleet() -> PdserveConfig:
 
 
 def _group(role: str) -> dict[str, Any]:
-    groups = {g["groupName"]: g for g in _one("RayCluster")["spec"]["workerGroupSpecs"]}
+    groups: dict[str, dict[str, Any]] = {
+        g["groupName"]: g for g in _one("RayCluster")["spec"]["workerGroupSpecs"]
+    }
     assert set(groups) == set(ROLES)
     return groups[role]
 

@@ -66,3 +66,13 @@ def test_sweep_removes_only_dead_owners(tmp_path: Path) -> None:
         p.write_bytes(b"x")
     assert sweep_stale(tmp_path) == [dead.name]
     assert alive.exists() and other.exists() and not dead.exists()
+
+
+def test_an_owner_dropped_without_close_is_unlinked(tmp_path: Path) -> None:
+    pool = SharedKVPool.create(tiny_layout(), 4, shm_dir=str(tmp_path))
+    assert list_segments(str(tmp_path)) == [pool.name]
+    del pool
+    import gc
+
+    gc.collect()
+    assert list_segments(str(tmp_path)) == []

@@ -478,7 +478,8 @@ def test_dashboard_layout_and_datasource() -> None:
     assert (variables["datasource"]["type"], variables["datasource"]["query"]) == ("datasource", "prometheus")
     assert variables["fleet"]["datasource"]["uid"] == "${datasource}"
     parse(variables["fleet"]["query"]["query"].removeprefix("label_values(").rsplit(",", 1)[0])
-    ids, cells = set(), set()
+    ids: set[int] = set()
+    cells: set[tuple[int, int]] = set()
     for panel in d["panels"]:
         assert panel["id"] not in ids
         ids.add(panel["id"])
