@@ -7,7 +7,9 @@ config=, **kwargs)`` with ``config`` the whole pdserve config as a JSON-able dic
   ``engine`` and ``kvtransfer`` sections), adding the router's ``served_model_name`` so workers
   and router advertise the same name, and turning the engine's progress bars off (actor logs).
 * :func:`build_router_app` -> the router's ASGI app for the ``router`` section, bound where the
-  actor listens. Workers are not listed in it: the fleet controller registers them.
+  actor listens, with ``model_path`` defaulting to the workers' model (``engine.model``, else
+  the tiny default model) so its tokenizer is loaded before it reports healthy. Workers are not
+  listed in it: the fleet controller registers them.
 """
 
 from __future__ import annotations
@@ -45,4 +47,14 @@ def build_router_app(
 
     full = parse_config(config or {}, source="fleet")
     fields = {**full.router.model_dump(), **overrides, "host": host, "port": port}
+    if fields.get("model_path") is None:
+        # The workers' model: the router tokenises and applies the chat template itself, so it
+        # must have the tokenizer before it reports healthy (rather than discover it later).
+        fields["model_path"] = full.engine.model or str(_default_model())
     return RouterApp(RouterConfig.build(**fields))
+
+
+def _default_model() -> Any:
+    from pdserve.engine.default_model import ensure_default_model
+
+    return ensure_default_model()

@@ -69,20 +69,23 @@ def add_down_arguments(p: argparse.ArgumentParser) -> None:
 def run_up(args: argparse.Namespace) -> int:
     from pdserve.deploy import placement
     from pdserve.deploy.client import Fleet
-    from pdserve.deploy.ray_cluster import FleetState, LocalRayHead, connect, state_path
+    from pdserve.deploy.ray_cluster import FleetState, LocalRayHead, connect, is_loopback, state_path
 
     cfg = load_config(args.config, env=os.environ)
     fleet_cfg = cfg.fleet
     placement.check_model(cfg.engine.model)
+    address = args.address or fleet_cfg.ray.address
     path = state_path(args.state_dir, fleet_cfg.name)
     _refuse_if_running(path)
-    address = args.address or fleet_cfg.ray.address
+    cpus = fleet_cfg.ray.num_cpus or placement.local_cluster_cpus(fleet_cfg)
+    if address is None:
+        # What can never fit on the one local node fails now, before anything starts.
+        local = placement.local_node(cpus, fleet_cfg.ray.num_gpus)
+        placement.check_fits(fleet_cfg, [local], gpu=cfg.uses_gpu)
+    if cfg.engine.model is None and _runs_the_engine(cfg) and (address is None or is_loopback(address)):
+        cfg = _with_default_model(cfg)  # built once here, not by every actor at the same time
     head: LocalRayHead | None = None
     if address is None:
-        cpus = fleet_cfg.ray.num_cpus or placement.local_cluster_cpus(fleet_cfg)
-        # What can never fit on the one local node fails now, before Ray starts.
-        node = placement.local_node(cpus, fleet_cfg.ray.num_gpus)
-        placement.check_fits(fleet_cfg, [node], gpu=cfg.uses_gpu)
         print(f"pdserve: starting a local Ray cluster on 127.0.0.1 ({cpus} CPUs)", file=sys.stderr)
         head = LocalRayHead.start(
             num_cpus=cpus, num_gpus=fleet_cfg.ray.num_gpus, object_store_mb=fleet_cfg.ray.object_store_mb,
@@ -130,6 +133,20 @@ def run_up(args: argparse.Namespace) -> int:
     print("pdserve: stopping the fleet", file=sys.stderr)
     _teardown(fleet, head, path, fleet_cfg.name, fleet_cfg.ray.namespace, drain=True)
     return 0
+
+
+def _runs_the_engine(cfg: PdserveConfig) -> bool:
+    """Whether the fleet's apps are pdserve's own worker/router (stand-ins need no model)."""
+    own = ("pdserve.deploy.apps:", "pdserve.decode_worker.", "pdserve.router.")
+    return any(cfg.fleet.app_for(role).factory.startswith(own) for role in ("prefill", "decode", "router"))
+
+
+def _with_default_model(cfg: PdserveConfig) -> PdserveConfig:
+    from pdserve.engine.default_model import ensure_default_model
+
+    print("pdserve: using the tiny default model (built on first use)", file=sys.stderr)
+    path = ensure_default_model()
+    return cfg.model_copy(update={"engine": cfg.engine.model_copy(update={"model": str(path)})})
 
 
 def _router_url(cfg: PdserveConfig) -> str:

@@ -342,12 +342,14 @@ class FleetController:
                 await s.task
         s.busy, s.state = True, "draining"
         await self._deregister(s)
+        how = "without draining"
         if drain and s.actor is not None:
             waited = await lifecycle.drain(s, self.timeouts)
             self.metrics.drain.labels(role=s.role).observe(waited)
+            how = f"after draining {waited:.1f} s"
         await lifecycle.release(s, self.timeouts)
         self.workers.pop(s.name, None)
-        self._event(f"{s.name} removed")
+        self._event(f"{s.name} removed {how}")
 
     async def _stop_router(self, *, drain: bool) -> None:
         if self.router.actor is None:

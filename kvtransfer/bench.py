@@ -60,6 +60,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layer-ms", type=float, default=20.0, help="simulated forward time per layer")
     parser.add_argument("--no-stream", action="store_true", help="skip the layer-streaming measurement")
     parser.add_argument("--verify", action="store_true", help="digest-check every size (default: <= 4096)")
+    parser.add_argument("--frame-pages", type=int, default=None, help="override TransferConfig.frame_pages")
 
 
 class _Memcpy:
@@ -173,14 +174,15 @@ class _Bench:
     async def transport(self, transport: str, storage: torch.Tensor) -> None:
         args, layout = self.args, self.layout
         gpu = transport == "nccl"
-        config = TransferConfig.model_validate(
-            {
-                "transport": transport,
-                "device": "cuda:0" if gpu else "cpu",
-                "transfer_timeout_s": 120.0,
-                "waiting_timeout_s": 300.0,
-            }
-        )
+        fields: dict[str, Any] = {
+            "transport": transport,
+            "device": "cuda:0" if gpu else "cpu",
+            "transfer_timeout_s": 120.0,
+            "waiting_timeout_s": 300.0,
+        }
+        if args.frame_pages:
+            fields["frame_pages"] = args.frame_pages
+        config = TransferConfig.model_validate(fields)
         prefill = PrefillTransferService(
             config, layout, storage.to("cuda:0") if gpu else storage, registry=CollectorRegistry()
         )
