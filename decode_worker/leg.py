@@ -88,7 +88,13 @@ class DecodeLeg:
             pages = -(-len(prompt) // self.block_size)
             self.metrics.transfer_bytes.labels("decode").inc(pages * self.block_nbytes)
             stream = self.engine.adopt(
-                request_id, prompt, aux.first_token_id, params, aux.first_token_logprob, aux.cached_tokens
+                request_id,
+                prompt,
+                aux.first_token_id,
+                params,
+                aux.first_token_logprob,
+                aux.cached_tokens,
+                [(int(t), float(lp)) for t, lp in aux.top_logprobs] or None,
             )
             watch.on_cancel(lambda: self._abort_soon(request_id))
             async with closing(stream):
