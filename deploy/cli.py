@@ -67,6 +67,19 @@ def add_down_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_up(args: argparse.Namespace) -> int:
+    # SIGTERM while the fleet starts or serves means the same as Ctrl-C: tear down, then exit.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return _up(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _up(args: argparse.Namespace) -> int:
     from pdserve.deploy import placement
     from pdserve.deploy.client import Fleet
     from pdserve.deploy.ray_cluster import FleetState, LocalRayHead, connect, is_loopback, state_path
@@ -117,7 +130,8 @@ def run_up(args: argparse.Namespace) -> int:
         status = fleet.wait_ready(timeout, on_progress=_Progress())
     except BaseException as exc:
         if isinstance(exc, PdserveError | KeyboardInterrupt):
-            print(f"pdserve: fleet did not come up ({exc or 'interrupted'}); tearing down", file=sys.stderr)
+            why = str(exc) or "interrupted"
+            print(f"pdserve: fleet did not come up ({why}); tearing down", file=sys.stderr)
         _teardown(fleet, head, path, fleet_cfg.name, fleet_cfg.ray.namespace, drain=False)
         raise
     print(f"pdserve: fleet {fleet_cfg.name!r} ready: router {status['router']['url']}", file=sys.stderr)
@@ -212,9 +226,11 @@ def _serve_until_stopped(fleet: Any) -> None:
 
 
 def _teardown(fleet: Any, head: Any, path: Path, name: str, namespace: str, *, drain: bool) -> None:
-    """Best effort, in order: fleet (drained), leftovers, driver, local head, state file."""
+    """Best effort, in order: fleet (drained), leftovers, driver, local head, state file. A
+    second SIGTERM does not cut it short (a second Ctrl-C does)."""
     from pdserve.deploy.client import remove_leftovers
 
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     with contextlib.suppress(Exception):
         if fleet is not None:
             fleet.down(drain=drain, timeout_s=600.0)
@@ -292,7 +308,8 @@ def run_down(args: argparse.Namespace) -> int:
     if head is not None:
         head.stop()
     path.unlink(missing_ok=True)
-    what = len(summary.get("removed", [])) + len(leftovers)
     where = " and its local Ray cluster" if head is not None else ""
-    print(f"pdserve: fleet {args.name!r} down ({what} workers removed){where}", file=sys.stderr)
+    extra = f"; also cleaned up {', '.join(leftovers)}" if leftovers else ""
+    removed = len(summary.get("removed", []))
+    print(f"pdserve: fleet {args.name!r} down ({removed} workers removed){where}{extra}", file=sys.stderr)
     return 0

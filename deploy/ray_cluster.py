@@ -173,6 +173,9 @@ def connect(address: str, *, namespace: str, timeout_s: float = 60.0, log_to_dri
             raise ConfigError(f"no Ray cluster answers at {address}", param="address")
     if address == "auto" or is_loopback(address):
         pin_loopback()
+    # Ray's C++ failure-signal handler would turn our SIGTERM (= tear down, like Ctrl-C) into an
+    # abort with a stack dump in the middle of the teardown. Only this driver process is affected.
+    os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
     import ray
 
     if ray.is_initialized():

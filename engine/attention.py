@@ -44,7 +44,8 @@ class PrefillSpan:
 class DecodeGroup:
     token_idx: torch.Tensor  # int64 [Sd] rows of the one-token chunks in the flat batch
     block_ids: torch.Tensor  # int64 [Sd * max blocks] flat (padded with block 0, masked out)
-    mask: torch.Tensor  # bool [Sd, 1, 1, max blocks * bs]: key position < context length
+    mask: torch.Tensor  # additive [Sd, 1, 1, max blocks * bs]: 0 where key position < context
+    # length, -inf elsewhere (model dtype; SDPA adds it as is, no per-layer bool conversion)
     is_whole_batch: bool  # every token of the batch is in the group, in order
 
 
@@ -57,11 +58,25 @@ class AttentionMetadata:
     max_position: int  # one past the largest position in the step (sizes the RoPE table)
 
 
+class LayerKV:
+    """One layer's pages ``[2, blocks, bs, Hkv, D]`` plus the two views every step uses, built
+    once per KV pool: ``by_block [2, blocks, bs * Hkv * D]`` (page gathers) and ``by_slot
+    [blocks * bs, 2, Hkv, D]`` (a strided view: K and V of one slot, for the KV write)."""
+
+    __slots__ = ("by_block", "by_slot", "pages")
+
+    def __init__(self, pages: torch.Tensor) -> None:
+        _, num_blocks, block_size, kv_heads, head_dim = pages.shape
+        self.pages = pages
+        self.by_block = pages.view(2, num_blocks, block_size * kv_heads * head_dim)
+        self.by_slot = pages.view(2, num_blocks * block_size, kv_heads, head_dim).transpose(0, 1)
+
+
 def build_attention_metadata(
-    chunks: list[SeqChunk], block_size: int, device: torch.device
+    chunks: list[SeqChunk], block_size: int, device: torch.device, dtype: torch.dtype = torch.float32
 ) -> AttentionMetadata:
     """Flatten a step's chunks (structure checked, limits not) into the tensors every layer reuses."""
-    return metadata_from_packed(pack_chunks(chunks, block_size), device)
+    return metadata_from_packed(pack_chunks(chunks, block_size), device, dtype)
 
 
 def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -69,8 +84,11 @@ def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
     return tensor if device.type == "cpu" else tensor.to(device)
 
 
-def metadata_from_packed(batch: PackedBatch, device: torch.device) -> AttentionMetadata:
-    """The per-step attention tensors of an already packed batch (host index math in numpy)."""
+def metadata_from_packed(
+    batch: PackedBatch, device: torch.device, dtype: torch.dtype = torch.float32
+) -> AttentionMetadata:
+    """The per-step attention tensors of an already packed batch (host index math in numpy);
+    ``dtype``: the model's (the decode mask is additive in it)."""
     bs = batch.block_size
     lens = batch.query_lens
     decode = None
@@ -81,11 +99,12 @@ def metadata_from_packed(batch: PackedBatch, device: torch.device) -> AttentionM
         width = int(widths.max())
         ids = batch.block_tables[:, :width] if whole else batch.block_tables[dec, :width]
         ends = batch.end_pos if whole else batch.end_pos[dec]
-        mask = np.arange(width * bs)[None, :] < ends[:, None]
+        mask = np.where(np.arange(width * bs)[None, :] < ends[:, None], np.float32(0), np.float32(-np.inf))
+        mask_t = _to_device(mask[:, None, None, :], device)
         decode = DecodeGroup(
             token_idx=_to_device(batch.token_offsets[dec], device),
             block_ids=_to_device(np.ascontiguousarray(ids).reshape(-1), device),
-            mask=_to_device(mask[:, None, None, :], device),
+            mask=mask_t if dtype == torch.float32 else mask_t.to(dtype),
             is_whole_batch=whole,
         )
     prefills: list[PrefillSpan] = []
@@ -107,63 +126,58 @@ def metadata_from_packed(batch: PackedBatch, device: torch.device) -> AttentionM
     )
 
 
-def write_kv(kv_layer: torch.Tensor, kv: torch.Tensor, slots: torch.Tensor) -> None:
-    """Store the new tokens' ``kv [T, 2, Hkv, D]`` (K then V) into one layer's pages
-    ``kv_layer [2, blocks, bs, Hkv, D]`` with a single ``index_copy_``."""
-    _, num_blocks, block_size, kv_heads, head_dim = kv_layer.shape
-    flat = kv_layer.view(2, num_blocks * block_size, kv_heads, head_dim).transpose(0, 1)
-    flat.index_copy_(0, slots, kv.to(flat.dtype))
+def write_kv(layer: LayerKV, kv: torch.Tensor, slots: torch.Tensor) -> None:
+    """Store the new tokens' ``kv [T, 2, Hkv, D]`` (K then V) into their slots with a single
+    ``index_copy_``."""
+    layer.by_slot.index_copy_(0, slots, kv if kv.dtype == layer.pages.dtype else kv.to(layer.pages.dtype))
 
 
-def _gather_pages(kv_layer: torch.Tensor, block_ids: torch.Tensor, num_seqs: int) -> torch.Tensor:
+def _gather_pages(layer: LayerKV, block_ids: torch.Tensor, num_seqs: int) -> torch.Tensor:
     """K and V pages of ``block_ids [num_seqs * nb]`` (flat) in one ``index_select``:
     ``[2, num_seqs, nb*bs, Hkv, D]`` (cheaper on CPU than advanced indexing)."""
-    _, num_blocks, block_size, kv_heads, head_dim = kv_layer.shape
-    got = kv_layer.view(2, num_blocks, -1).index_select(1, block_ids)
-    return got.view(2, num_seqs, -1, kv_heads, head_dim)
+    _, _, _, kv_heads, head_dim = layer.pages.shape
+    return layer.by_block.index_select(1, block_ids).view(2, num_seqs, -1, kv_heads, head_dim)
 
 
 def paged_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    kv_layer: torch.Tensor,
+    layer: LayerKV,
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:
     """Attention output ``[T, Hq * D]`` for queries ``q [T, Hq, D]``; ``k, v [T, Hkv, D]`` are the
-    new tokens' keys/values (already written into ``kv_layer``)."""
+    new tokens' keys/values (already written into the layer's pages)."""
     num_tokens, num_heads, head_dim = q.shape
     kv_heads = k.shape[1]
     groups = num_heads // kv_heads
     dec = meta.decode
     if dec is not None and dec.is_whole_batch:
-        return _decode(q, kv_layer, dec, scale, groups).view(num_tokens, num_heads * head_dim)
+        return _decode(q, layer, dec, scale, groups).reshape(num_tokens, num_heads * head_dim)
     out = q.new_empty(num_tokens, num_heads * head_dim)
     if dec is not None:
-        res = _decode(q.index_select(0, dec.token_idx), kv_layer, dec, scale, groups)
-        out.index_copy_(0, dec.token_idx, res.view(-1, num_heads * head_dim))
+        res = _decode(q.index_select(0, dec.token_idx), layer, dec, scale, groups)
+        out.index_copy_(0, dec.token_idx, res.reshape(-1, num_heads * head_dim))
     for span in meta.prefills:
         rows = slice(span.token_start, span.token_start + span.num_tokens)
         if span.block_ids is None or span.mask is None:
             res = _grouped_sdpa(q[rows], k[rows], v[rows], None, scale, groups)
         else:
             length = span.start_pos + span.num_tokens
-            kvc = _gather_pages(kv_layer, span.block_ids, 1)[:, 0, :length]
-            res = _grouped_sdpa(q[rows], kvc[0], kvc[1], span.mask, scale, groups)
+            kc, vc = _gather_pages(layer, span.block_ids, 1)[:, 0, :length].unbind(0)
+            res = _grouped_sdpa(q[rows], kc, vc, span.mask, scale, groups)
         out[rows] = res.reshape(span.num_tokens, num_heads * head_dim)
     return out
 
 
-def _decode(
-    q: torch.Tensor, kv_layer: torch.Tensor, dec: DecodeGroup, scale: float, groups: int
-) -> torch.Tensor:
+def _decode(q: torch.Tensor, layer: LayerKV, dec: DecodeGroup, scale: float, groups: int) -> torch.Tensor:
     """One token per sequence over its gathered pages; query heads grouped under their KV head.
-    Returns ``[S, Hkv, G, D]`` (contiguous: viewable as ``[S, Hq * D]``)."""
+    Returns ``[S, Hkv, G, D]``."""
     seqs, num_heads, head_dim = q.shape
-    kvc = _gather_pages(kv_layer, dec.block_ids, seqs).transpose(2, 3)  # [2, S, Hkv, L, D]
+    kc, vc = _gather_pages(layer, dec.block_ids, seqs).transpose(2, 3).unbind(0)  # [S, Hkv, L, D]
     qf = q.view(seqs, num_heads // groups, groups, head_dim)
-    return F.scaled_dot_product_attention(qf, kvc[0], kvc[1], attn_mask=dec.mask, scale=scale)
+    return F.scaled_dot_product_attention(qf, kc, vc, attn_mask=dec.mask, scale=scale)
 
 
 def _grouped_sdpa(

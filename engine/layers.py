@@ -83,7 +83,7 @@ def apply_rope_(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) ->
     ``rotate_half(x) * sin == roll(x, half) * signed_sin`` exactly (only signs move). The pass-
     through dims are simply left untouched instead of being re-concatenated."""
     rotary_dim = cos.shape[-1]
-    x_rot = x[..., :rotary_dim]
+    x_rot = x.narrow(-1, 0, rotary_dim)
     out = x_rot * cos
     out += torch.roll(x_rot, rotary_dim // 2, dims=-1) * signed_sin
     x_rot.copy_(out)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from pdserve.engine.attention import AttentionMetadata, paged_attention, write_kv
+from pdserve.engine.attention import AttentionMetadata, LayerKV, paged_attention, write_kv
 from pdserve.engine.layers import RopeTable, apply_rope_, rms_norm, swiglu_mlp
 from pdserve.engine.model_config import ModelConfig
 from pdserve.engine.moe import DenseExperts, MoEWeights, RouterParams, moe_forward
@@ -142,6 +142,15 @@ class Glm4MoeModel:
             for layer in weights.layers
         ]
         self.lm_head = LMHead(weights.lm_head)
+        self._kv_views: tuple[torch.Tensor, list[LayerKV]] | None = None
+
+    def layer_kv(self, kv_storage: torch.Tensor) -> list[LayerKV]:
+        """Per-layer page views of ``kv_storage`` (built once per pool, reused every step)."""
+        cached = self._kv_views
+        if cached is None or cached[0] is not kv_storage:
+            cached = (kv_storage, [LayerKV(kv_storage[i]) for i in range(len(self.weights.layers))])
+            self._kv_views = cached
+        return cached[1]
 
     def forward(
         self,
@@ -158,10 +167,11 @@ class Glm4MoeModel:
         eps = cfg.rms_norm_eps
         hidden = F.embedding(input_ids, w.embed)
         cos, sin = self.rope.lookup(meta.positions, meta.max_position)
+        layer_kv = self.layer_kv(kv_storage)
         last = len(w.layers) - 1
         for idx, layer in enumerate(w.layers):
             x = rms_norm(hidden, layer.input_norm, eps)
-            x = self._attention(x, layer.attn, cos, sin, kv_storage[idx], meta, idx, on_layer_done)
+            x = self._attention(x, layer.attn, cos, sin, layer_kv[idx], meta, idx, on_layer_done)
             hidden = hidden + x  # HF: residual + attention output
             if idx == last and logit_rows is not None:
                 hidden = hidden.index_select(0, logit_rows)
@@ -185,7 +195,7 @@ class Glm4MoeModel:
         w: AttentionWeights,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        kv_layer: torch.Tensor,
+        kv: LayerKV,
         meta: AttentionMetadata,
         layer_idx: int,
         on_layer_done: Callable[[int], None] | None,
@@ -196,15 +206,16 @@ class Glm4MoeModel:
         qkv = F.linear(x, w.qkv, w.qkv_bias).view(num_tokens, heads + 2 * kv_heads, head_dim)
         # q and k heads are adjacent: one QK-norm and one RoPE call cover both, in place in qkv,
         # so the new K and V stay adjacent for a single KV write
-        qk = qkv[:, : heads + kv_heads]
+        qk = qkv.narrow(1, 0, heads + kv_heads)
         if w.qk_norm is not None:
             qk.copy_(rms_norm(qk, w.qk_norm, cfg.rms_norm_eps))
         apply_rope_(qk, cos, sin)
-        new_kv = qkv[:, heads:]
-        write_kv(kv_layer, new_kv.view(num_tokens, 2, kv_heads, head_dim), meta.slots)
+        new_kv = qkv.narrow(1, heads, 2 * kv_heads)
+        write_kv(kv, new_kv.view(num_tokens, 2, kv_heads, head_dim), meta.slots)
         if on_layer_done is not None:
-            if kv_layer.is_cuda:
-                torch.cuda.current_stream(kv_layer.device).synchronize()
+            if kv.pages.is_cuda:
+                torch.cuda.current_stream(kv.pages.device).synchronize()
             on_layer_done(layer_idx)
-        out = paged_attention(qkv[:, :heads], new_kv[:, :kv_heads], new_kv[:, kv_heads:], kv_layer, meta, self.scale)
-        return F.linear(out, w.o_proj)
+        q = qkv.narrow(1, 0, heads)
+        k, v = new_kv.narrow(1, 0, kv_heads), new_kv.narrow(1, kv_heads, kv_heads)
+        return F.linear(paged_attention(q, k, v, kv, meta, self.scale), w.o_proj)

@@ -177,7 +177,7 @@ class ModelRunner:
         batch = pack_chunks(chunks, self._layout.block_size, self._limits)
         device = self._device
         with torch.inference_mode():
-            meta = metadata_from_packed(batch, device)
+            meta = metadata_from_packed(batch, device, self._dtype)
             input_ids = torch.from_numpy(batch.token_ids).to(device)
             rows = None if batch.all_rows_need_logits else torch.from_numpy(batch.logit_rows).to(device)
             hidden = self._model.forward(input_ids, meta, self._kv, rows, on_layer_done)

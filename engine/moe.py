@@ -64,14 +64,16 @@ class RouterParams:
 class DenseExperts:
     """Routed experts then shared expert units as ``P = E + S`` uniform "pseudo-experts" of
     intermediate size ``I`` (a shared expert of ``n * I`` units is ``n`` of them: SwiGLU is
-    per-unit, so splitting its units is exact). ``gate_up [P * 2I, H]`` (per pseudo-expert: gate
-    rows, then up rows), ``down [H, P * I]``."""
+    per-unit, so splitting its units is exact). ``gate_up [2 * P * I, H]``: the gate rows of every
+    pseudo-expert, then their up rows; ``down [H, P * I]``; ``coef_base [max_tokens, P]``: 0 for
+    routed experts, 1 for shared ones (each step's routing weights are scattered into a copy)."""
 
     num_routed: int
     num_shared: int
     intermediate: int
     gate_up: torch.Tensor
     down: torch.Tensor
+    coef_base: torch.Tensor
     max_tokens: int  # use the dense path for at most this many tokens
 
     @classmethod
@@ -83,7 +85,8 @@ class DenseExperts:
         nbytes = (w.gate_up.numel() + w.down.numel()) * w.gate_up.element_size()
         if max_tokens < 1 or nbytes > DENSE_MAX_WEIGHT_BYTES:
             return None
-        gate_up = [w.gate_up.reshape(num_experts * two_i, hidden)]
+        gates = [w.gate_up[:, :inter].reshape(num_experts * inter, hidden)]
+        ups = [w.gate_up[:, inter:].reshape(num_experts * inter, hidden)]
         down = [w.down.permute(1, 0, 2).reshape(hidden, num_experts * inter)]
         num_shared = 0
         if w.shared_gate_up is not None and w.shared_down is not None:
@@ -91,16 +94,18 @@ class DenseExperts:
             if shared_inter % inter:
                 return None
             num_shared = shared_inter // inter
-            gate, up = w.shared_gate_up[:shared_inter], w.shared_gate_up[shared_inter:]
-            for j in range(num_shared):
-                gate_up += [gate[j * inter : (j + 1) * inter], up[j * inter : (j + 1) * inter]]
+            gates.append(w.shared_gate_up[:shared_inter])
+            ups.append(w.shared_gate_up[shared_inter:])
             down.append(w.shared_down)
+        coef = torch.zeros(max_tokens, num_experts + num_shared, dtype=torch.float32, device=w.gate_up.device)
+        coef[:, num_experts:] = 1.0
         return cls(
             num_routed=num_experts,
             num_shared=num_shared,
             intermediate=inter,
-            gate_up=torch.cat(gate_up, dim=0).contiguous(),
+            gate_up=torch.cat(gates + ups, dim=0).contiguous(),
             down=torch.cat(down, dim=1).contiguous(),
+            coef_base=coef,
             max_tokens=max_tokens,
         )
 
@@ -109,8 +114,9 @@ def route(
     x: torch.Tensor, router: torch.Tensor, bias: torch.Tensor, p: RouterParams
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(topk_weights float32 [T, k], topk_ids int64 [T, k])`` for hidden states ``x [T, H]``."""
-    logits = F.linear(x.to(torch.float32), router.to(torch.float32))
-    scores = logits.sigmoid()
+    xf = x if x.dtype == torch.float32 else x.to(torch.float32)
+    scores = F.linear(xf, router if router.dtype == torch.float32 else router.to(torch.float32))
+    scores.sigmoid_()
     choice = scores + bias
     num_tokens, num_experts = choice.shape
     if p.n_group > 1 and p.topk_group < p.n_group:
@@ -118,12 +124,13 @@ def route(
         group_scores = grouped.topk(2, dim=-1)[0].sum(dim=-1)
         group_idx = torch.topk(group_scores, k=p.topk_group, dim=-1, sorted=False)[1]
         drop = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, group_idx, False)
-        choice = grouped.masked_fill(drop.unsqueeze(-1), float("-inf")).view(num_tokens, num_experts)
+        grouped.masked_fill_(drop.unsqueeze(-1), float("-inf"))
     topk_ids = torch.topk(choice, k=p.top_k, dim=-1, sorted=False)[1]
     weights = scores.gather(1, topk_ids)
     if p.norm_topk_prob:
-        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-    weights = weights * p.routed_scaling_factor
+        weights /= weights.sum(dim=-1, keepdim=True) + 1e-20
+    if p.routed_scaling_factor != 1.0:  # HF multiplies by it unconditionally; * 1.0 is exact
+        weights *= p.routed_scaling_factor
     return weights, topk_ids
 
 
@@ -160,14 +167,14 @@ def dense_experts_forward(
 ) -> torch.Tensor:
     """Routed experts *plus* shared expert(s) for every token of ``x [T, H]`` (dense mode)."""
     num_tokens = x.shape[0]
-    pseudo, inter = d.num_routed + d.num_shared, d.intermediate
-    gu = F.linear(x, d.gate_up).view(num_tokens, pseudo, 2, inter)
-    act = F.silu(gu[:, :, 0]) * gu[:, :, 1]  # [T, P, I]
-    coef = torch.zeros(num_tokens, pseudo, dtype=torch.float32, device=x.device)
-    coef[:, d.num_routed :] = 1.0
-    coef.scatter_(1, topk_ids, topk_weights)
-    act *= coef.to(x.dtype).unsqueeze(-1)
-    return F.linear(act.view(num_tokens, pseudo * inter), d.down)
+    width = (d.num_routed + d.num_shared) * d.intermediate
+    gu = F.linear(x, d.gate_up)
+    act = F.silu(gu.narrow(1, 0, width)) * gu.narrow(1, width, width)  # [T, P * I]
+    coef = d.coef_base[:num_tokens].clone().scatter_(1, topk_ids, topk_weights)
+    if coef.dtype != x.dtype:
+        coef = coef.to(x.dtype)
+    act.view(num_tokens, -1, d.intermediate).mul_(coef.unsqueeze(-1))
+    return F.linear(act, d.down)
 
 
 def moe_forward(x: torch.Tensor, w: MoEWeights, p: RouterParams, dense: DenseExperts | None = None) -> torch.Tensor:

@@ -286,8 +286,10 @@ class PrefillTransferService:
     def _release(self, room: SendRoom) -> None:
         if self.rooms.get(room.room) is room:
             del self.rooms[room.room]
-        self.metrics.pages(-room.pages_counted)
-        room.pages_counted = 0
+        with room.lock:  # set_source may run concurrently on the engine thread
+            room.released = True
+            counted, room.pages_counted = room.pages_counted, 0
+        self.metrics.pages(-counted)
         if room.peer is not None:
             self.endpoint.room_gone(room)
 

@@ -83,6 +83,7 @@ class SendRoom:
         self.t_first: float | None = None
         self.nbytes = 0
         self.pages_counted = 0
+        self.released = False
         self.fake = False
         self.timer: asyncio.TimerHandle | None = None
         self.registered: asyncio.Future[None] = loop.create_future()
@@ -178,8 +179,9 @@ class KVSender:
                     )
                 grow = arr.size - (0 if room.src is None else room.src.size)
                 room.src = arr
-                room.pages_counted += grow
-                svc.metrics.pages(grow)
+                if not room.released:
+                    room.pages_counted += grow
+                    svc.metrics.pages(grow)
                 svc.schedule_locked(room)
         except TransferError as exc:
             svc.fail_threadsafe(room, exc)

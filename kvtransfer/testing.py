@@ -1,7 +1,7 @@
 """Helpers for tests of the transfer service (and of workers that embed it).
 
 * :func:`tiny_layout`, :func:`fill_random`, :func:`same_pages` — small pools and bit-exact checks
-  (compared as raw bytes: random bit patterns include NaNs);
+  (compared as raw bytes: random bit patterns include NaNs); :func:`open_fds` for leak checks;
 * :func:`service_pair` — a started prefill and decode service on 127.0.0.1, closed on exit;
 * :class:`PeerProcess` — a :mod:`pdserve.kvtransfer.peerproc` subprocess with bounded waits for
   its events, ``kill()`` (SIGKILL) and ``close()``.
@@ -31,6 +31,11 @@ from pdserve.kvtransfer.decode import DecodeTransferService
 from pdserve.kvtransfer.errors import TransferTimeoutError
 from pdserve.kvtransfer.peerproc import fill_random
 from pdserve.kvtransfer.prefill import PrefillTransferService
+
+
+def open_fds() -> int:
+    """Open file descriptors of this process (sockets, eventfds, shm maps' fds) for leak checks."""
+    return len(os.listdir("/proc/self/fd"))
 
 
 def tiny_layout(**overrides: Any) -> KVLayout:

@@ -32,7 +32,7 @@ from pdserve.kvtransfer.protocol import (
 )
 from pdserve.kvtransfer.sender import KVSender
 from pdserve.kvtransfer.states import KVPoll
-from pdserve.kvtransfer.testing import service_pair, tiny_layout
+from pdserve.kvtransfer.testing import open_fds, service_pair, tiny_layout
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 T = TypeVar("T")
@@ -87,6 +87,7 @@ async def streaming_room(
 
 @pytest.mark.parametrize("transport", ["shm", "tcp"])
 async def test_decode_aborts_mid_transfer(transport: str) -> None:
+    fds = open_fds()
     async with service_pair(cfg(transport), tiny_layout()) as (prefill, decode):
         sender, recv = await streaming_room(prefill, decode, 11)
         decode.abort(11, "client disconnected")
@@ -96,6 +97,7 @@ async def test_decode_aborts_mid_transfer(transport: str) -> None:
         assert perr.side == "decode" and "client disconnected" in perr.message
         await until(lambda: not prefill.rooms)
         clean(prefill, decode)
+    assert open_fds() <= fds
 
 
 @pytest.mark.parametrize("transport", ["shm", "tcp"])
@@ -128,7 +130,7 @@ async def test_bootstrap_timeouts_both_ways() -> None:
         )
         assert (err.side, err.phase) == ("prefill", "bootstrap")
         late = prefill.create_sender(21)  # the half-dispatched leg fails at once too
-        await raises(late.wait_ready(), E.TransferTimeoutError, 0.5)
+        await raises(late.wait_ready(), E.TransferTimeoutError, 1.0)
         # the decode leg never comes: the sender's own bootstrap timer fires
         lonely = prefill.create_sender(22)
         err = await raises(lonely.wait_ready(), E.TransferTimeoutError, 2.0)
@@ -276,8 +278,9 @@ async def test_garbage_and_truncated_frames_on_the_tcp_data_socket() -> None:
         finally:
             ctx.destroy(linger=0)
         assert "expected" in err_a.message and "never arrived" in err_b.message
-        for s in senders:
-            await raises(s.finish(AuxData(room=s.room, first_token_id=0)), E.ProtocolError, 2.0)
+        for s in senders:  # the decode told the prefill legs, which failed too
+            await until(lambda s=s: s.poll() == KVPoll.Failed, 2.0)
+            await raises(s.finish(AuxData(room=s.room, first_token_id=0)), E.ProtocolError, 1.0)
         assert (
             decode.registry.get_sample_value("pdserve:kv_transfer_protocol_errors_total", {"side": "decode"})
             or 0

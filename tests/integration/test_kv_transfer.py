@@ -18,7 +18,7 @@ from pdserve.kvtransfer.protocol import AuxData
 from pdserve.kvtransfer.sender import TransferResult
 from pdserve.kvtransfer.shm_pool import list_segments
 from pdserve.kvtransfer.states import KVPoll
-from pdserve.kvtransfer.testing import same_pages, service_pair, tiny_layout
+from pdserve.kvtransfer.testing import open_fds, same_pages, service_pair, tiny_layout
 from pdserve.kvtransfer.transports.nccl_lib import LoopbackP2P
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
@@ -91,7 +91,7 @@ def scattered(rng: np.random.Generator, n: int, pool: int) -> list[int]:
 async def test_bit_exact_scattered_pages_every_transport(transport: str) -> None:
     layout = tiny_layout()
     lib = LoopbackP2P() if transport == "nccl" else None
-    threads_before = kv_threads()
+    threads_before, fds_before = kv_threads(), open_fds()
     config = cfg(transport, checksum=True, frame_pages=4)
     async with service_pair(config, layout, src_blocks=64, dst_blocks=96, nccl_lib=lib) as (prefill, decode):
         rng = np.random.default_rng(1)
@@ -116,6 +116,7 @@ async def test_bit_exact_scattered_pages_every_transport(transport: str) -> None
         assert sent == sum(r.nbytes for r, _ in results)
         assert decode.describe()["transport"] == prefill.describe()["transport"] == transport
     assert kv_threads() == threads_before
+    assert open_fds() <= fds_before  # every socket, eventfd and segment fd closed
     assert not [s for s in list_segments() if s.split("-")[2] == str(os.getpid())]
 
 
