@@ -49,6 +49,22 @@ def is_loopback(address: str) -> bool:
     return host in {"127.0.0.1", "localhost", "::1"}
 
 
+def _resolve_auto() -> str | None:
+    """The HOST:PORT that ``address="auto"`` means on this host (RAY_ADDRESS, else the address
+    Ray recorded for its newest local cluster), or None when nothing is recorded."""
+    env_addr = os.environ.get("RAY_ADDRESS", "").strip()
+    if env_addr and env_addr != "auto":
+        return env_addr
+    try:
+        from ray._private.services import find_bootstrap_address
+
+        found = find_bootstrap_address(None)
+    except Exception:  # Ray private API moved: keep the old behaviour
+        logger.debug("cannot resolve Ray address 'auto'", exc_info=True)
+        return None
+    return str(found) if found else None
+
+
 def pin_loopback() -> None:
     """Make this process's Ray keep 127.0.0.1 as the node address (must precede ``ray.init``).
 
@@ -171,6 +187,10 @@ def connect(address: str, *, namespace: str, timeout_s: float = 60.0, log_to_dri
             raise ConfigError(f"--address {address!r}: expected HOST:PORT or 'auto'", param="address")
         if not _reachable(address, min(timeout_s, 5.0)):
             raise ConfigError(f"no Ray cluster answers at {address}", param="address")
+    if address == "auto":
+        # Pin loopback only when the local cluster itself is on loopback (a `ray up` head
+        # registers its real IP; pinning a driver there to 127.0.0.1 would orphan it).
+        address = _resolve_auto() or address
     if address == "auto" or is_loopback(address):
         pin_loopback()
     # Ray's C++ failure-signal handler would turn our SIGTERM (= tear down, like Ctrl-C) into an
