@@ -97,6 +97,7 @@ class PackedBatch:
     block_tables: np.ndarray  # [S, W], row i valid up to table_lens[i], padded with block 0
     logit_rows: np.ndarray  # [<= S] last row of every need_logits chunk, in chunk order
     block_size: int
+    pure_decode: bool  # every chunk has exactly one token (then T == S and row i is chunk i)
 
     @property
     def num_tokens(self) -> int:
@@ -127,6 +128,8 @@ def pack_chunks(chunks: list[SeqChunk], block_size: int, limits: BatchLimits | N
     num = len(chunks)
     if num == 0:
         raise InvalidBatchError("a step needs at least one chunk")
+    if all(len(c.token_ids) == 1 for c in chunks):
+        return _pack_decode(chunks, block_size, limits)
     lens = np.fromiter((len(c.token_ids) for c in chunks), np.int64, num)
     starts = np.fromiter((c.start_pos for c in chunks), np.int64, num)
     have = np.fromiter((len(c.block_table) for c in chunks), np.int64, num)
@@ -177,6 +180,62 @@ def pack_chunks(chunks: list[SeqChunk], block_size: int, limits: BatchLimits | N
         block_tables=tables,
         logit_rows=(offsets + lens - 1)[wants],
         block_size=block_size,
+        pure_decode=total == num,
+    )
+
+
+def _pack_decode(chunks: list[SeqChunk], block_size: int, limits: BatchLimits | None) -> PackedBatch:
+    """:func:`pack_chunks` for one token per chunk (the decode hot path): plain Python over the
+    chunks, a handful of array conversions, same checks."""
+    num = len(chunks)
+    tokens: list[int] = []
+    positions: list[int] = []
+    slots: list[int] = []
+    need: list[int] = []
+    tables: list[list[int]] = []
+    wants: list[bool] = []
+    try:
+        for chunk in chunks:
+            pos = chunk.start_pos
+            table = chunk.block_table
+            n = pos // block_size + 1
+            if pos < 0 or len(table) < n:
+                _raise_first_error(chunks, block_size, limits)
+            tokens.append(chunk.token_ids[0])
+            positions.append(pos)
+            slots.append(table[n - 1] * block_size + pos % block_size)
+            need.append(n)
+            tables.append(table[:n])
+            wants.append(chunk.need_logits)
+        width = max(need)
+        padded = np.array([t if len(t) == width else t + [0] * (width - len(t)) for t in tables], np.int64)
+        token_arr = np.array(tokens, np.int64)
+        slot_arr = np.array(slots, np.int64)
+    except (OverflowError, TypeError, ValueError):  # ids beyond int64, non-integers
+        _raise_first_error(chunks, block_size, limits)
+    if limits is not None and (
+        min(tokens) < 0
+        or max(tokens) >= limits.vocab_size
+        or max(positions) >= limits.max_positions
+        or int(padded.min()) < 0
+        or int(padded.max()) >= limits.num_blocks
+    ):
+        _raise_first_error(chunks, block_size, limits)
+    rows = np.arange(num)
+    pos_arr = np.array(positions, np.int64)
+    return PackedBatch(
+        token_ids=token_arr,
+        positions=pos_arr,
+        slots=slot_arr,
+        query_lens=np.ones(num, np.int64),
+        token_offsets=rows,
+        start_pos=pos_arr,
+        end_pos=pos_arr + 1,
+        table_lens=np.array(need, np.int64),
+        block_tables=padded,
+        logit_rows=rows if all(wants) else rows[np.array(wants, np.bool_)],
+        block_size=block_size,
+        pure_decode=True,
     )
 
 

@@ -45,6 +45,7 @@ import torch
 import zmq
 import zmq.asyncio
 from prometheus_client import CollectorRegistry
+from pydantic import ValidationError
 
 from pdserve.engine.kv_layout import KVLayout
 from pdserve.kvtransfer.config import TransferConfig
@@ -190,17 +191,8 @@ class DecodeTransferService(ReceiverControl):
             raise RoomError(
                 f"bad bootstrap address {bootstrap_host!r}:{bootstrap_port!r}", phase="setup", room=room
             )
-        peer = self._peer(bootstrap_host, bootstrap_port)
-        rroom = RecvRoom(room, peer.key, dst, self.handle.loop, self.metrics.on_state)
-        self.rooms[room] = rroom
-        self.metrics.pages(dst.size)
-        if not peer.rooms:
-            peer.last_heard = time.monotonic()  # idle time before this room is not silence
-        peer.rooms.add(room)
-        self.backend.expect(room, self.incarnation, dst, peer.key)
-        self.send(
-            peer,
-            Register(
+        try:
+            register = Register(
                 room=room,
                 decode_inc=self.incarnation,
                 decode_addr=self.addr,
@@ -209,8 +201,18 @@ class DecodeTransferService(ReceiverControl):
                 dst_blocks=dst.tolist(),
                 endpoint=self.backend.endpoint(),
                 checksum=self.config.checksum,
-            ),
-        )
+            )
+        except ValidationError as exc:  # e.g. an over-long advertised address
+            raise RoomError(f"cannot build the registration: {exc}", phase="setup", room=room) from exc
+        peer = self._peer(bootstrap_host, bootstrap_port)
+        rroom = RecvRoom(room, peer.key, dst, self.handle.loop, self.metrics.on_state)
+        self.rooms[room] = rroom
+        self.metrics.pages(dst.size)
+        if not peer.rooms:
+            peer.last_heard = time.monotonic()  # idle time before this room is not silence
+        peer.rooms.add(room)
+        self.backend.expect(room, self.incarnation, dst, peer.key)
+        self.send(peer, register)
         rroom.registered = True
         self.arm(rroom)
         try:

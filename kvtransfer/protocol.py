@@ -21,6 +21,12 @@ message               direction  meaning
 ``abort_ack``         P -> D     prefill stopped touching the room's destination pages
 ====================  =========  ============================================================
 
+A room's happy path, in order: (1) ``register`` (decode reserved its pages), (2) ``ack``,
+(3) ``begin`` and the pages (shm: written into the decode's segment; tcp: data frames; nccl:
+``nccl`` plans, then sends), (4) ``done`` with the aux data, (5) ``confirm`` after the decode
+verified. Any side may end it early with ``failed``/``abort`` (answered by ``abort_ack``);
+``ping``/``pong`` run beside it while the decode has rooms open with that prefill.
+
 Data plane (tcp): multipart ``[header, K frame, V frame]`` per (room, layer, position group),
 then ``[header(kind=DONE), done json]``. The header (:data:`DATA_HEADER`) carries the room, the
 decode incarnation it is meant for, the layer and the position range; the decode side maps
