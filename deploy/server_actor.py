@@ -29,20 +29,16 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from pdserve.api.asgi import ASGIApp, Receive, Scope, Send
 from pdserve.errors import ConfigError, WorkerError
 
 logger = logging.getLogger(__name__)
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 # Probe paths that do not count as in-flight work.
 PROBE_PATHS = frozenset({"/health", "/get_load", "/load", "/metrics", "/get_server_info", "/workers"})

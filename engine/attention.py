@@ -108,7 +108,12 @@ def metadata_from_packed(
     else:
         dec = np.flatnonzero(lens == 1)  # chunk indices
         width = int(batch.table_lens[dec].max()) if dec.size else 0
-        rows, ids, ends, whole = batch.token_offsets[dec], batch.block_tables[dec, :width], batch.end_pos[dec], False
+        rows, ids, ends, whole = (
+            batch.token_offsets[dec],
+            batch.block_tables[dec, :width],
+            batch.end_pos[dec],
+            False,
+        )
     if dec.size:
         keys = np.arange(ids.shape[1] * bs)
         mask = np.where(keys[None, :] < ends[:, None], np.float32(0), np.float32(-np.inf))
@@ -128,7 +133,9 @@ def metadata_from_packed(
         end = start + n
         causal = np.arange(end)[None, :] <= np.arange(start, end)[:, None]
         ids_i = np.ascontiguousarray(batch.block_tables[i, : int(batch.table_lens[i])])
-        prefills.append(PrefillSpan(token_start, n, start, _to_device(ids_i, device), _to_device(causal, device)))
+        prefills.append(
+            PrefillSpan(token_start, n, start, _to_device(ids_i, device), _to_device(causal, device))
+        )
     return AttentionMetadata(
         positions=_to_device(batch.positions, device),
         slots=_to_device(batch.slots, device),
@@ -195,7 +202,9 @@ def _decode(q: torch.Tensor, layer: LayerKV, dec: DecodeGroup, scale: float, gro
     return F.scaled_dot_product_attention(qf, kc, vc, attn_mask=dec.mask, scale=scale)
 
 
-def _decode_flat(q: torch.Tensor, layer: LayerKV, dec: DecodeGroup, scale: float, kv_heads: int) -> torch.Tensor:
+def _decode_flat(
+    q: torch.Tensor, layer: LayerKV, dec: DecodeGroup, scale: float, kv_heads: int
+) -> torch.Tensor:
     """Decode attention as two batched GEMMs over the gathered pages viewed ``[S, L, Hkv * D]``
     (no transpose copy): each query is zero-padded to ``Hkv * D`` outside its own KV head's slot,
     so ``q . k`` over the concatenated heads is its head's score. Costs ``Hkv`` times the (tiny)
@@ -205,7 +214,9 @@ def _decode_flat(q: torch.Tensor, layer: LayerKV, dec: DecodeGroup, scale: float
     groups = num_heads // kv_heads
     kc, vc = _gather_pages(layer, dec.block_ids, seqs).view(2, seqs, -1, kv_heads * head_dim).unbind(0)
     qp = q.view(seqs, kv_heads, groups, 1, head_dim) * layer.head_mask
-    scores = torch.baddbmm(dec.mask.view(seqs, 1, -1), qp.view(seqs, num_heads, -1), kc.transpose(1, 2), alpha=scale)
+    scores = torch.baddbmm(
+        dec.mask.view(seqs, 1, -1), qp.view(seqs, num_heads, -1), kc.transpose(1, 2), alpha=scale
+    )
     out = torch.bmm(scores.softmax(dim=-1), vc).view(seqs, kv_heads, groups, kv_heads, head_dim)
     return torch.diagonal(out, dim1=1, dim2=3).permute(0, 3, 1, 2)  # [S, Hkv, G, D]
 

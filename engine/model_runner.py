@@ -184,7 +184,8 @@ class ModelRunner:
         # The LM head runs outside inference mode so the caller gets an ordinary tensor it may
         # modify in place (sampling penalties, masking).
         with torch.no_grad():
-            return self._model.compute_logits(hidden).to(torch.float32)
+            logits = self._model.compute_logits(hidden)
+        return logits if logits.dtype == torch.float32 else logits.float()
 
     def _check_kv_storage(self, kv: torch.Tensor) -> None:
         want = self._layout.storage_shape(self._num_blocks)

@@ -12,9 +12,10 @@ Routing (HF ``Glm4MoeTopkRouter``, always in float32):
 Expert compute (both give the HF result up to float rounding):
 
 * **grouped** (:func:`experts_forward`, many tokens): the (token, slot) pairs are grouped by expert
-  with one stable argsort, one SwiGLU runs per *active* expert on its contiguous slice, and the
-  weighted outputs are accumulated with a single ``index_add_`` (per token, in ascending expert
-  order — the order HF sums them in); the shared expert(s) are added after, as HF does;
+  with one stable argsort, the experts run on their contiguous slices (two grouped GEMMs on CPU,
+  else one SwiGLU per *active* expert), and the weighted outputs are accumulated with a single
+  ``index_add_`` (per token, in ascending expert order — the order HF sums them in); the shared
+  expert(s) are added after, as HF does;
 * **dense** (:func:`dense_experts_forward`, few tokens, small experts — decode): every expert and
   the shared expert(s) run on every token as two GEMMs over concatenated weights
   (:class:`DenseExperts`), the routing weights (0 for unchosen experts, 1 for shared ones) scale
@@ -65,15 +66,15 @@ class DenseExperts:
     """Routed experts then shared expert units as ``P = E + S`` uniform "pseudo-experts" of
     intermediate size ``I`` (a shared expert of ``n * I`` units is ``n`` of them: SwiGLU is
     per-unit, so splitting its units is exact). ``gate_up [2 * P * I, H]``: the gate rows of every
-    pseudo-expert, then their up rows; ``down [H, P * I]``; ``coef_base [max_tokens, P]``: 0 for
-    routed experts, 1 for shared ones (each step's routing weights are scattered into a copy)."""
+    pseudo-expert, then their up rows; ``down [H, P * I]``; ``coef_row [1, P]``: 0 for routed
+    experts, 1 for shared ones (each step's routing weights are scattered into a ``[T, P]`` copy)."""
 
     num_routed: int
     num_shared: int
     intermediate: int
     gate_up: torch.Tensor
     down: torch.Tensor
-    coef_base: torch.Tensor
+    coef_row: torch.Tensor
     max_tokens: int  # use the dense path for at most this many tokens
 
     @classmethod
@@ -97,7 +98,7 @@ class DenseExperts:
             gates.append(w.shared_gate_up[:shared_inter])
             ups.append(w.shared_gate_up[shared_inter:])
             down.append(w.shared_down)
-        coef = torch.zeros(max_tokens, num_experts + num_shared, dtype=torch.float32, device=w.gate_up.device)
+        coef = torch.zeros(1, num_experts + num_shared, dtype=torch.float32, device=w.gate_up.device)
         coef[:, num_experts:] = 1.0
         return cls(
             num_routed=num_experts,
@@ -105,7 +106,7 @@ class DenseExperts:
             intermediate=inter,
             gate_up=torch.cat(gates + ups, dim=0).contiguous(),
             down=torch.cat(down, dim=1).contiguous(),
-            coef_base=coef,
+            coef_row=coef,
             max_tokens=max_tokens,
         )
 
@@ -115,8 +116,15 @@ def route(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(topk_weights float32 [T, k], topk_ids int64 [T, k])`` for hidden states ``x [T, H]``."""
     xf = x if x.dtype == torch.float32 else x.to(torch.float32)
-    scores = F.linear(xf, router if router.dtype == torch.float32 else router.to(torch.float32))
-    scores.sigmoid_()
+    logits = F.linear(xf, router if router.dtype == torch.float32 else router.to(torch.float32))
+    return select_experts(logits, bias, p)
+
+
+def select_experts(
+    logits: torch.Tensor, bias: torch.Tensor, p: RouterParams
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Routing from float32 router logits ``[T, E]`` (steps 1-4 of the module doc)."""
+    scores = logits.sigmoid()
     choice = scores + bias
     num_tokens, num_experts = choice.shape
     if p.n_group > 1 and p.topk_group < p.n_group:
@@ -137,52 +145,68 @@ def route(
 def experts_forward(
     x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, w: MoEWeights
 ) -> torch.Tensor:
-    """Weighted sum over each token's chosen experts, ``[T, H]`` in ``x.dtype`` (grouped mode)."""
+    """Weighted sum over each token's chosen experts, ``[T, H]`` in ``x.dtype`` (grouped mode).
+
+    The (token, slot) rows sorted by expert go through two grouped GEMMs (``torch._grouped_mm``,
+    one call for all experts, what HF's ``grouped_mm`` experts use) on CPU, else through one
+    SwiGLU per active expert writing into its rows of one preallocated buffer."""
     top_k = topk_ids.shape[1]
     if topk_ids.shape[0] == 0:
         return torch.zeros_like(x)
-    num_experts = w.gate_up.shape[0]
+    num_experts, _, inter = w.down.shape
     flat_ids = topk_ids.reshape(-1)
     order = torch.argsort(flat_ids, stable=True)
-    counts = torch.bincount(flat_ids, minlength=num_experts).tolist()
+    counts = torch.bincount(flat_ids, minlength=num_experts)
     token_of = order // top_k
     x_sorted = x.index_select(0, token_of)
-    outs: list[torch.Tensor] = []
-    start = 0
-    for expert, count in enumerate(counts):
-        if count == 0:
-            continue
-        seg = x_sorted[start : start + count]
-        outs.append(swiglu_mlp(seg, w.gate_up[expert], w.down[expert]))
-        start += count
-    y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
-    y = (y * topk_weights.reshape(-1)[order].unsqueeze(-1)).to(x.dtype)
+    grouped_mm = getattr(torch, "_grouped_mm", None)
+    if grouped_mm is not None and x.device.type == "cpu":
+        offsets = counts.cumsum(0).to(torch.int32)
+        gu = grouped_mm(x_sorted, w.gate_up.transpose(1, 2), offs=offsets)
+        y = grouped_mm(F.silu(gu[:, :inter]).mul_(gu[:, inter:]), w.down.transpose(1, 2), offs=offsets)
+    else:
+        y = torch.empty_like(x_sorted)
+        start = 0
+        for expert, count in enumerate(counts.tolist()):
+            if count == 0:
+                continue
+            end = start + count
+            gu = F.linear(x_sorted[start:end], w.gate_up[expert])
+            act = F.silu(gu[:, :inter]).mul_(gu[:, inter:])
+            torch.matmul(act, w.down[expert].t(), out=y[start:end])
+            start = end
+    weights = topk_weights.reshape(-1)[order].unsqueeze(-1)
+    if y.dtype == weights.dtype:
+        y.mul_(weights)
+    else:  # as HF: the product in float32, rounded once to the model dtype
+        y = (y * weights).to(x.dtype)
     out = torch.zeros_like(x)
     out.index_add_(0, token_of, y)
     return out
 
 
-def dense_experts_forward(
-    x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, d: DenseExperts
-) -> torch.Tensor:
-    """Routed experts *plus* shared expert(s) for every token of ``x [T, H]`` (dense mode)."""
+def dense_experts_forward(x: torch.Tensor, w: MoEWeights, p: RouterParams, d: DenseExperts) -> torch.Tensor:
+    """Router, routed experts and shared expert(s) for every token of ``x [T, H]`` (dense mode)."""
     num_tokens = x.shape[0]
     width = (d.num_routed + d.num_shared) * d.intermediate
+    topk_weights, topk_ids = route(x, w.router, w.correction_bias, p)
     gu = F.linear(x, d.gate_up)
     act = F.silu(gu.narrow(1, 0, width)) * gu.narrow(1, width, width)  # [T, P * I]
-    coef = d.coef_base[:num_tokens].clone().scatter_(1, topk_ids, topk_weights)
+    coef = d.coef_row.expand(num_tokens, -1).clone().scatter_(1, topk_ids, topk_weights)
     if coef.dtype != x.dtype:
         coef = coef.to(x.dtype)
     act.view(num_tokens, -1, d.intermediate).mul_(coef.unsqueeze(-1))
     return F.linear(act, d.down)
 
 
-def moe_forward(x: torch.Tensor, w: MoEWeights, p: RouterParams, dense: DenseExperts | None = None) -> torch.Tensor:
+def moe_forward(
+    x: torch.Tensor, w: MoEWeights, p: RouterParams, dense: DenseExperts | None = None
+) -> torch.Tensor:
     """HF ``Glm4MoeMoE.forward``: routed experts plus the shared expert(s). ``dense``: the layer's
     concatenated weights, used when ``x`` has at most ``dense.max_tokens`` rows."""
-    topk_weights, topk_ids = route(x, w.router, w.correction_bias, p)
     if dense is not None and x.shape[0] <= dense.max_tokens:
-        return dense_experts_forward(x, topk_weights, topk_ids, dense)
+        return dense_experts_forward(x, w, p, dense)
+    topk_weights, topk_ids = route(x, w.router, w.correction_bias, p)
     out = experts_forward(x, topk_weights, topk_ids, w)
     if w.shared_gate_up is not None and w.shared_down is not None:
         out = out + swiglu_mlp(x, w.shared_gate_up, w.shared_down)

@@ -60,7 +60,7 @@ from pdserve.kvtransfer.metrics import TransferMetrics
 from pdserve.kvtransfer.pages import as_block_array
 from pdserve.kvtransfer.protocol import MAX_ROOM, AuxData, Done, Register
 from pdserve.kvtransfer.receiver import PrefillPeer, ReceiverControl, RecvRoom
-from pdserve.kvtransfer.runtime import LoopHandle, wait_until
+from pdserve.kvtransfer.runtime import LoopHandle, fail_all_rooms, state_counts, wait_until
 from pdserve.kvtransfer.states import KVPoll
 from pdserve.kvtransfer.transports import make_recv_backend
 
@@ -119,18 +119,8 @@ class DecodeTransferService(ReceiverControl):
         if self._closing:
             return
         self._closing = True
-        for room in list(self.rooms.values()):
-            self.fail(
-                room,
-                TransferError(
-                    "decode service shutting down",
-                    side="decode",
-                    phase=room.state.phase,
-                    reason="shutdown",
-                    room=room.room,
-                ),
-            )
-        await wait_until(lambda: not self.rooms, self.config.abort_timeout_s + 1.0)
+        within = self.config.abort_timeout_s + 1.0
+        await fail_all_rooms(self.rooms, self.fail, side="decode", within_s=within)
         for peer in list(self.peers.values()):
             self.close_peer(peer)
         for task in list(self.tasks):
@@ -144,9 +134,6 @@ class DecodeTransferService(ReceiverControl):
         logger.info("kvtransfer decode service closed")
 
     def describe(self) -> dict[str, Any]:
-        states: dict[str, int] = {}
-        for room in self.rooms.values():
-            states[room.state.value.name] = states.get(room.state.value.name, 0) + 1
         return {
             "side": "decode",
             "transport": self.config.transport,
@@ -155,7 +142,7 @@ class DecodeTransferService(ReceiverControl):
             "layout": self.layout.to_dict(),
             "num_blocks": self.num_blocks,
             "checksum": self.config.checksum,
-            "rooms": states,
+            "rooms": state_counts(self.rooms.values()),
             "pages_held": self.pages_held(),
             "prefill_peers": len(self.peers),
             "backend": self.backend.describe(),

@@ -24,10 +24,12 @@ worker's awaitables, release the room's page count.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -46,7 +48,7 @@ from pdserve.kvtransfer.errors import (
 from pdserve.kvtransfer.metrics import TransferMetrics
 from pdserve.kvtransfer.pages import PageStore
 from pdserve.kvtransfer.protocol import MAX_ROOM, Done, NcclPlan
-from pdserve.kvtransfer.runtime import DataThread, LoopHandle, wait_until
+from pdserve.kvtransfer.runtime import DataThread, LoopHandle, fail_all_rooms, state_counts, wait_until
 from pdserve.kvtransfer.sender import KVSender, SendRoom, TransferResult
 from pdserve.kvtransfer.states import KVPoll
 from pdserve.kvtransfer.transports import make_send_backend
@@ -101,27 +103,14 @@ class PrefillTransferService:
         if self._closing:
             return
         self._closing = True
-        for room in list(self.rooms.values()):
-            self.fail(
-                room,
-                TransferError(
-                    "prefill service shutting down",
-                    side="prefill",
-                    phase=room.state.phase,
-                    reason="shutdown",
-                    room=room.room,
-                ),
-            )
-        await wait_until(lambda: not self.rooms, self.config.abort_timeout_s + 1.0)
+        within = self.config.abort_timeout_s + 1.0
+        await fail_all_rooms(self.rooms, self.fail, side="prefill", within_s=within)
         await self.endpoint.close()
         self.data.submit(self.backend.close)
         self.data.stop(10.0)
         logger.info("kvtransfer prefill service closed")
 
     def describe(self) -> dict[str, Any]:
-        states: dict[str, int] = {}
-        for room in self.rooms.values():
-            states[room.state.value.name] = states.get(room.state.value.name, 0) + 1
         return {
             "side": "prefill",
             "transport": self.config.transport,
@@ -130,7 +119,7 @@ class PrefillTransferService:
             "layout": self.layout.to_dict(),
             "checksum": self.config.checksum,
             "layer_streaming": True,
-            "rooms": states,
+            "rooms": state_counts(self.rooms.values()),
             "pending_registrations": len(self.endpoint.pending),
             "pages_held": self.pages_held(),
             "decode_peers": len(self.endpoint.decodes),
@@ -318,11 +307,23 @@ class PrefillTransferService:
 
         self.data.submit(job)
 
+    @contextlib.contextmanager
+    def _failing(self, room: SendRoom, what: str) -> Iterator[None]:
+        """Data-thread jobs: an error fails ``room`` (a foreign one as a :class:`TransportError`)."""
+        try:
+            yield
+        except TransferError as exc:
+            self.fail_threadsafe(room, exc)
+        except Exception as exc:
+            logger.exception("room %d: %s failed", room.room, what)
+            error = TransportError(f"{what} failed: {exc!r}", side="prefill", room=room.room)
+            self.fail_threadsafe(room, error)
+
     def _run_pages(self, room: SendRoom, rect: tuple[int, int, int, int]) -> None:
         with room.busy:
             if room.cancel.is_set() or room.peer is None or room.src is None or room.dst is None:
                 return
-            try:
+            with self._failing(room, "send"):
                 self.backend.connect(room.peer)
                 if not room.started:
                     room.started = True
@@ -343,19 +344,12 @@ class PrefillTransferService:
                     ready=room.events.get(hi - 1),
                 )
                 room.nbytes += self.backend.send_pages(job)
-            except TransferError as exc:
-                self.fail_threadsafe(room, exc)
-            except Exception as exc:
-                logger.exception("room %d: send failed", room.room)
-                self.fail_threadsafe(
-                    room, TransportError(f"send failed: {exc!r}", side="prefill", room=room.room)
-                )
 
     def _run_done(self, room: SendRoom) -> None:
         with room.busy:
             if room.cancel.is_set() or room.peer is None or room.src is None or room.aux is None:
                 return
-            try:
+            with self._failing(room, "done"):
                 checksums = self.store.layer_checksums(room.src) if room.checksum else None
                 done = Done(
                     room=room.room,
@@ -368,13 +362,6 @@ class PrefillTransferService:
                 deadline = time.monotonic() + self.config.transfer_timeout_s
                 delivered = self.backend.send_done(room.peer.decode_inc, done, deadline)
                 self.handle.call(self.endpoint.on_done_sent, room, done, delivered)
-            except TransferError as exc:
-                self.fail_threadsafe(room, exc)
-            except Exception as exc:
-                logger.exception("room %d: done failed", room.room)
-                self.fail_threadsafe(
-                    room, TransportError(f"done failed: {exc!r}", side="prefill", room=room.room)
-                )
 
     def _post_plan(
         self, decode_inc: str, room: int, layers: tuple[int, int], groups: list[tuple[int, int]]

@@ -8,7 +8,8 @@ Lifecycle of a :class:`DataThread`:
 3. ``stop(timeout)`` runs the queued callables, then ends the thread; returns whether it ended.
 
 :class:`LoopHandle` remembers the service's event loop so thread-safe entry points
-(``abort``, ``on_layer_done``, receive-thread callbacks) can hop onto it.
+(``abort``, ``on_layer_done``, receive-thread callbacks) can hop onto it. :func:`fail_all_rooms`
+and :func:`state_counts` are the room-table chores both services share (shutdown, ``describe``).
 """
 
 from __future__ import annotations
@@ -18,14 +19,26 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Protocol, TypeVar
 
 from pdserve.kvtransfer.errors import TransferError
+from pdserve.kvtransfer.states import RoomState
 
 logger = logging.getLogger(__name__)
 
 _STOP = object()
+
+
+class _Room(Protocol):
+    @property
+    def room(self) -> int: ...
+
+    @property
+    def state(self) -> RoomState: ...
+
+
+R = TypeVar("R", bound=_Room)
 
 
 class DataThread:
@@ -121,3 +134,30 @@ async def wait_until(predicate: Callable[[], bool], within_s: float, step: float
 def log_future_exception(fut: asyncio.Future[Any]) -> None:
     if not fut.cancelled() and fut.exception() is not None:
         logger.warning("control send failed: %s", fut.exception())
+
+
+def state_counts(rooms: Iterable[_Room]) -> dict[str, int]:
+    """How many of ``rooms`` are in each :class:`KVPoll` state (by name)."""
+    states: dict[str, int] = {}
+    for room in rooms:
+        states[room.state.value.name] = states.get(room.state.value.name, 0) + 1
+    return states
+
+
+async def fail_all_rooms(
+    rooms: Mapping[int, R], fail: Callable[[R, TransferError], None], *, side: str, within_s: float
+) -> bool:
+    """Fail every open room with a ``shutdown`` error, then wait up to ``within_s`` seconds for
+    ``rooms`` to empty (the failures release them); returns whether it did."""
+    for room in list(rooms.values()):
+        fail(
+            room,
+            TransferError(
+                f"{side} service shutting down",
+                side=side,
+                phase=room.state.phase,
+                reason="shutdown",
+                room=room.room,
+            ),
+        )
+    return await wait_until(lambda: not rooms, within_s)

@@ -1,5 +1,6 @@
 """Helpers for tests of the transfer service (and of workers that embed it).
 
+* :func:`fast_config` — a :class:`TransferConfig` with short heartbeats and phase timeouts;
 * :func:`tiny_layout`, :func:`fill_random`, :func:`same_pages` — small pools and bit-exact checks
   (compared as raw bytes: random bit patterns include NaNs); :func:`open_fds` for leak checks;
 * :func:`service_pair` — a started prefill and decode service on 127.0.0.1, closed on exit;
@@ -36,6 +37,21 @@ from pdserve.kvtransfer.prefill import PrefillTransferService
 def open_fds() -> int:
     """Open file descriptors of this process (sockets, eventfds, shm maps' fds) for leak checks."""
     return len(os.listdir("/proc/self/fd"))
+
+
+def fast_config(transport: str = "tcp", *, phase_timeout_s: float = 5.0, **overrides: Any) -> TransferConfig:
+    """A config for tests: 0.1 s heartbeats (5 misses), ``phase_timeout_s`` for bootstrap, waiting
+    and transfer, 1 s aborts; ``overrides`` win."""
+    base: dict[str, Any] = {
+        "transport": transport,
+        "heartbeat_interval_s": 0.1,
+        "heartbeat_misses": 5,
+        "bootstrap_timeout_s": phase_timeout_s,
+        "waiting_timeout_s": phase_timeout_s,
+        "transfer_timeout_s": phase_timeout_s,
+        "abort_timeout_s": 1.0,
+    }
+    return TransferConfig.model_validate({**base, **overrides})
 
 
 def tiny_layout(**overrides: Any) -> KVLayout:

@@ -18,10 +18,10 @@ the plain Task.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Coroutine, MutableMapping
+from collections.abc import Coroutine, MutableMapping
 from typing import Any
 
-Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+from pdserve.api.asgi import Receive
 
 
 class DisconnectWatch:

@@ -41,11 +41,12 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from pdserve.api.asgi import Receive, Scope, Send
 from pdserve.errors import InvalidRequestError, PdserveError
 from pdserve.router.disconnect import DisconnectWatch
 from pdserve.router.fake_bootstrap import BootstrapServer, RoomFailed, await_kv
 from pdserve.router.fake_format import FakeOutput, render_final, render_stream_event
-from pdserve.router.passthrough import Receive, Scope, Send, read_body, send_bytes
+from pdserve.router.passthrough import read_body, send_bytes
 
 logger = logging.getLogger(__name__)
 

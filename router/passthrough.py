@@ -17,11 +17,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 import orjson
 
+from pdserve.api.asgi import Receive, Scope, Send
 from pdserve.errors import InvalidRequestError, PayloadTooLargeError, PdserveError
 from pdserve.router.disconnect import DisconnectWatch
 from pdserve.router.dispatch import Exchange
@@ -30,9 +30,6 @@ from pdserve.router.state import RouterState
 
 logger = logging.getLogger(__name__)
 
-Scope = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
-Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 _JSON = b"application/json"
 
@@ -95,17 +92,23 @@ def _route_header(ex: Exchange) -> tuple[bytes, bytes]:
     return b"x-pdserve-route", f"{r.mode} prefill={pf} target={r.target.url}".encode()
 
 
+def json_object(raw: bytes) -> dict[str, Any]:
+    """A request body that must be a JSON object (400 otherwise)."""
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequestError(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise InvalidRequestError("request body must be a JSON object")
+    return data
+
+
 async def handle_generate(state: RouterState, scope: Scope, receive: Receive, send: Send) -> None:
     t0 = time.monotonic()
     metrics = state.metrics
     try:
         raw = await read_body(scope, receive, state.cfg.max_body_bytes)
-        try:
-            req = orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
-            raise InvalidRequestError(f"request body is not valid JSON: {exc}") from None
-        if not isinstance(req, dict):
-            raise InvalidRequestError("request body must be a JSON object")
+        req = json_object(raw)
         key, batch = state.prompt_key(req)
         state.admit()
     except PdserveError as exc:

@@ -18,17 +18,17 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import ValidationError
 
+from pdserve.api.asgi import Receive, Scope, Send
 from pdserve.api.errors import BodySizeLimitMiddleware, install_error_handlers
 from pdserve.errors import InvalidRequestError, PdserveError
 from pdserve.router.config import RouterConfig, WorkerSpec, normalize_url
 from pdserve.router.openai_routes import OpenAIRoutes
-from pdserve.router.passthrough import Receive, Scope, Send, handle_generate
+from pdserve.router.passthrough import handle_generate, json_object
 from pdserve.router.state import RouterState
 
 logger = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ class RouterApp:
         @app.post("/workers")
         async def add_worker(request: Request) -> JSONResponse:
             st = self._need_state()
-            data = _json_object(await request.body())
+            data = json_object(await request.body())
             if "worker_type" in data and "role" not in data:  # smg's field name
                 data["role"] = data.pop("worker_type")
             try:
@@ -136,7 +136,7 @@ class RouterApp:
             url = request.query_params.get("url")
             if url is None:
                 raw = await request.body()
-                url = _json_object(raw).get("url") if raw else None
+                url = json_object(raw).get("url") if raw else None
             if not isinstance(url, str):
                 raise InvalidRequestError("give the worker url as ?url= or in a JSON body", param="url")
             w = st.unregister(normalize_url(url))
@@ -176,13 +176,3 @@ class RouterApp:
         if self.openai is None:
             raise PdserveError("the router is not started")
         return self.openai
-
-
-def _json_object(raw: bytes) -> dict[str, Any]:
-    try:
-        data = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidRequestError(f"request body is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise InvalidRequestError("request body must be a JSON object")
-    return data

@@ -15,7 +15,6 @@ limit before the body is read, and counts streamed (chunked) bodies as they are 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 import orjson
@@ -24,16 +23,12 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
+from pdserve.api.asgi import ASGIApp, Message, Receive, Scope, Send
 from pdserve.api.protocol import validation_error_to_invalid
 from pdserve.errors import ConfigError, PayloadTooLargeError, PdserveError
 
 logger = logging.getLogger(__name__)
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 _STATUS_TYPES = {
     400: "invalid_request_error",

@@ -16,7 +16,7 @@ Lifecycle of one request (same bounded-wait and cleanup rules as the OpenAI endp
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from typing import Any
 
 from pdserve.api.backend import ChatTokenizer, GenerateBackend, RequestContext
@@ -24,10 +24,10 @@ from pdserve.api.backend_stream import BackendStream
 from pdserve.api.logprobs import TokenTexts
 from pdserve.api.native import NativeOutputWriter, request_to_engine
 from pdserve.api.protocol import GenerateRequest
-from pdserve.api.serving_base import INTERNAL_ERROR_BODY, ServingBase
-from pdserve.api.sse import SSE_DONE, sse_event
+from pdserve.api.serving_base import ServingBase
+from pdserve.api.sse import sse_event
 from pdserve.engine.outputs import RequestOutput
-from pdserve.errors import PdserveError, WorkerError
+from pdserve.errors import WorkerError
 
 logger = logging.getLogger(__name__)
 
@@ -96,30 +96,14 @@ class NativeServing(ServingBase):
             return writer.response(outputs[-1])
         stream = self._open(it, ctx)
         first = await self._prime(stream)
-        return self._stream(stream, first, writer)
+        return self._sse(stream, self._events(stream, first, writer), "generate")
 
-    async def _stream(
-        self,
-        stream: BackendStream,
-        first: RequestOutput,
-        writer: NativeOutputWriter,
-    ) -> AsyncIterator[bytes]:
-        done = False
-        try:
-            out = first
-            while True:
-                yield sse_event(writer.chunk(out))
-                if out.finished:
-                    break
-                out = await stream.next(self._output_timeout)
-            done = True
-            yield SSE_DONE
-        except PdserveError as exc:
-            yield sse_event(exc.to_openai())
-            yield SSE_DONE
-        except Exception:
-            logger.exception("generate stream %s failed", stream.ctx.request_id)
-            yield sse_event(INTERNAL_ERROR_BODY)
-            yield SSE_DONE
-        finally:
-            await stream.close(done)
+    async def _events(
+        self, stream: BackendStream, first: RequestOutput, writer: NativeOutputWriter
+    ) -> AsyncGenerator[bytes, None]:
+        out = first
+        while True:
+            yield sse_event(writer.chunk(out))
+            if out.finished:
+                return
+            out = await stream.next(self._output_timeout)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from typing import Any
 
 from pdserve.api.backend import ChatTokenizer, GenerateBackend, RequestContext
@@ -31,12 +31,13 @@ from pdserve.api.chat import ChatOutputProcessor, ChatPrompt, ChatRenderer
 from pdserve.api.logprobs import CompletionLogprobsBuilder, TokenTexts, chat_logprobs
 from pdserve.api.protocol import ChatCompletionRequest, CompletionRequest
 from pdserve.api.reasoning import Glm45ReasoningParser, get_reasoning_parser
-from pdserve.api.serving_base import INTERNAL_ERROR_BODY, ServingBase, UsageCounter
-from pdserve.api.sse import SSE_DONE, sse_event
+from pdserve.api.serving_base import ServingBase, UsageCounter
+from pdserve.api.sse import sse_event
 from pdserve.api.tool_parsers import get_tool_format, merge_tool_call_deltas
 from pdserve.api.tools import ToolValidator
 from pdserve.engine.outputs import RequestOutput
-from pdserve.errors import InvalidRequestError, PdserveError
+from pdserve.engine.sampling_params import SamplingParams
+from pdserve.errors import InvalidRequestError
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +100,31 @@ class OpenAIServing(ServingBase):
         }
         return {"object": "list", "data": [card]}
 
+    def _request_params(
+        self,
+        req: ChatCompletionRequest | CompletionRequest,
+        max_tokens: int,
+        logprobs: int | None,
+        skip_special_tokens: bool,
+    ) -> SamplingParams:
+        """Server defaults, the request's sampling values, then its stop/limit fields."""
+        overrides = {
+            "temperature": req.temperature,
+            "top_p": req.top_p,
+            "top_k": req.top_k,
+            "min_p": req.min_p,
+            "seed": req.seed,
+        }
+        return self._sampling_params(
+            overrides,
+            max_tokens=max_tokens,
+            stop=req.stop_list(),
+            stop_token_ids=list(req.stop_token_ids or ()),
+            ignore_eos=req.ignore_eos,
+            logprobs=logprobs,
+            skip_special_tokens=skip_special_tokens,
+        )
+
     # -------------------------------------------------------------------------------- chat
 
     async def chat(
@@ -110,15 +136,7 @@ class OpenAIServing(ServingBase):
         max_tokens = self._max_tokens(req.max_output_tokens, len(prompt.ids), param)
         parsing = prompt.parse_tools or (self._reasoning_cls is not None and req.separate_reasoning)
         skip = req.skip_special_tokens if req.skip_special_tokens is not None else not parsing
-        params = self._sampling_params(
-            _overrides(req),
-            max_tokens=max_tokens,
-            stop=req.stop_list(),
-            stop_token_ids=list(req.stop_token_ids or ()),
-            ignore_eos=req.ignore_eos,
-            logprobs=req.num_logprobs,
-            skip_special_tokens=skip,
-        )
+        params = self._request_params(req, max_tokens, req.num_logprobs, skip)
         ctx = self._prepare_ctx(ctx, req, prompt.text)
         response_id = f"chatcmpl-{ctx.request_id}"
         reasoning_cls = self._reasoning_cls if req.separate_reasoning else None
@@ -128,7 +146,8 @@ class OpenAIServing(ServingBase):
             return self._chat_response(req, prompt, reasoning_cls, response_id, outputs, usage)
         stream = self._open(it, ctx)
         first = await self._prime(stream)
-        return self._chat_stream(req, prompt, reasoning_cls, response_id, stream, first)
+        events = self._chat_events(req, prompt, reasoning_cls, response_id, stream, first)
+        return self._sse(stream, events, "chat")
 
     def _chat_response(
         self,
@@ -161,16 +180,9 @@ class OpenAIServing(ServingBase):
             "finish_reason": self._finish_reason(last, bool(calls)),
             "matched_stop": last.matched_stop,
         }
-        return {
-            "id": response_id,
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": self.model_name,
-            "choices": [choice],
-            "usage": usage.to_dict(),
-        }
+        return _response(response_id, "chat.completion", self.model_name, choice, usage)
 
-    async def _chat_stream(
+    async def _chat_events(
         self,
         req: ChatCompletionRequest,
         prompt: ChatPrompt,
@@ -178,78 +190,39 @@ class OpenAIServing(ServingBase):
         response_id: str,
         stream: BackendStream,
         first: RequestOutput,
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncGenerator[bytes, None]:
         proc = ChatOutputProcessor(prompt, reasoning_cls)
         usage = UsageCounter(len(prompt.ids))
-        include_usage, want_lp, top_k = req.include_usage, req.logprobs, req.top_logprobs or 0
-        created, model = int(time.time()), self.model_name
-
-        def chunk(
-            delta: dict[str, Any], lp: Any = None, finish: str | None = None, matched: Any = None
-        ) -> bytes:
-            choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish}
-            if finish is not None:
-                choice["matched_stop"] = matched
-            obj: dict[str, Any] = {
-                "id": response_id,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": model,
-                "choices": [choice],
-            }
-            if include_usage:
-                obj["usage"] = None
-            return sse_event(obj)
-
-        done = False
-        try:
-            yield chunk({"role": "assistant", "content": ""})
-            out = first
-            while True:
-                usage.add(out)
-                reasoning, content, calls = proc.feed(out.new_text) if out.new_text else ("", "", [])
-                if out.finished:
-                    r2, c2, d2 = proc.finish()
-                    reasoning, content, calls = reasoning + r2, content + c2, calls + d2
-                delta: dict[str, Any] = {}
-                if reasoning:
-                    delta["reasoning_content"] = reasoning
-                if content:
-                    delta["content"] = content
-                if calls:
-                    delta["tool_calls"] = calls
-                lp = None
-                if want_lp and out.new_logprobs:
-                    lp = {"content": chat_logprobs(self._texts, out.new_logprobs, top_k)}
-                if out.finished:
-                    finish = self._finish_reason(out, proc.has_tool_calls)
-                    yield chunk(delta, lp, finish, out.matched_stop)
-                    if include_usage:
-                        yield sse_event(
-                            {
-                                "id": response_id,
-                                "object": "chat.completion.chunk",
-                                "created": created,
-                                "model": model,
-                                "choices": [],
-                                "usage": usage.to_dict(),
-                            }
-                        )
-                    break
-                if delta or lp is not None:
-                    yield chunk(delta, lp)
-                out = await stream.next(self._output_timeout)
-            done = True
-            yield SSE_DONE
-        except PdserveError as exc:
-            yield sse_event(exc.to_openai())
-            yield SSE_DONE
-        except Exception:
-            logger.exception("chat stream %s failed", stream.ctx.request_id)
-            yield sse_event(INTERNAL_ERROR_BODY)
-            yield SSE_DONE
-        finally:
-            await stream.close(done)
+        want_lp, top_k = req.logprobs, req.top_logprobs or 0
+        chunks = _Chunks(response_id, "chat.completion.chunk", "delta", self.model_name, req.include_usage)
+        chunk = chunks.event
+        yield chunk({"role": "assistant", "content": ""})
+        out = first
+        while True:
+            usage.add(out)
+            reasoning, content, calls = proc.feed(out.new_text) if out.new_text else ("", "", [])
+            if out.finished:
+                r2, c2, d2 = proc.finish()
+                reasoning, content, calls = reasoning + r2, content + c2, calls + d2
+            delta: dict[str, Any] = {}
+            if reasoning:
+                delta["reasoning_content"] = reasoning
+            if content:
+                delta["content"] = content
+            if calls:
+                delta["tool_calls"] = calls
+            lp = None
+            if want_lp and out.new_logprobs:
+                lp = {"content": chat_logprobs(self._texts, out.new_logprobs, top_k)}
+            if out.finished:
+                finish = self._finish_reason(out, proc.has_tool_calls)
+                yield chunk(delta, lp, finish, out.matched_stop)
+                if chunks.include_usage:
+                    yield chunks.usage(usage)
+                return
+            if delta or lp is not None:
+                yield chunk(delta, lp)
+            out = await stream.next(self._output_timeout)
 
     # ------------------------------------------------------------------------- completions
 
@@ -266,15 +239,7 @@ class OpenAIServing(ServingBase):
             prompt_text, prompt_ids = None, prompt
         max_tokens = self._max_tokens(req.max_tokens, len(prompt_ids), "max_tokens")
         skip = req.skip_special_tokens if req.skip_special_tokens is not None else True
-        params = self._sampling_params(
-            _overrides(req),
-            max_tokens=max_tokens,
-            stop=req.stop_list(),
-            stop_token_ids=list(req.stop_token_ids or ()),
-            ignore_eos=req.ignore_eos,
-            logprobs=req.logprobs,
-            skip_special_tokens=skip,
-        )
+        params = self._request_params(req, max_tokens, req.logprobs, skip)
         ctx = self._prepare_ctx(ctx, req, prompt_text)
         response_id = f"cmpl-{ctx.request_id}"
         echo = ""
@@ -295,19 +260,13 @@ class OpenAIServing(ServingBase):
                 "finish_reason": self._finish_reason(last, False),
                 "matched_stop": last.matched_stop,
             }
-            return {
-                "id": response_id,
-                "object": "text_completion",
-                "created": int(time.time()),
-                "model": self.model_name,
-                "choices": [choice],
-                "usage": usage.to_dict(),
-            }
+            return _response(response_id, "text_completion", self.model_name, choice, usage)
         stream = self._open(it, ctx)
         first = await self._prime(stream)
-        return self._completion_stream(req, response_id, stream, first, echo, lp_builder, len(prompt_ids))
+        events = self._completion_events(req, response_id, stream, first, echo, lp_builder, len(prompt_ids))
+        return self._sse(stream, events, "completion")
 
-    async def _completion_stream(
+    async def _completion_events(
         self,
         req: CompletionRequest,
         response_id: str,
@@ -316,69 +275,79 @@ class OpenAIServing(ServingBase):
         echo: str,
         lp_builder: CompletionLogprobsBuilder,
         prompt_len: int,
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncGenerator[bytes, None]:
         usage = UsageCounter(prompt_len)
-        include_usage, want_lp = req.include_usage, req.logprobs is not None
-        created, model = int(time.time()), self.model_name
+        want_lp = req.logprobs is not None
+        chunks = _Chunks(response_id, "text_completion", "text", self.model_name, req.include_usage)
+        chunk = chunks.event
+        if echo:
+            yield chunk(echo)
+        out = first
+        while True:
+            usage.add(out)
+            lp = lp_builder.build(out.new_logprobs or []) if want_lp else None
+            if out.finished:
+                yield chunk(out.new_text, lp, self._finish_reason(out, False), out.matched_stop)
+                if chunks.include_usage:
+                    yield chunks.usage(usage)
+                return
+            if out.new_text or (lp is not None and lp["tokens"]):
+                yield chunk(out.new_text, lp)
+            out = await stream.next(self._output_timeout)
 
-        def chunk(text: str, lp: Any = None, finish: str | None = None, matched: Any = None) -> bytes:
-            choice: dict[str, Any] = {"index": 0, "text": text, "logprobs": lp, "finish_reason": finish}
-            if finish is not None:
-                choice["matched_stop"] = matched
-            obj: dict[str, Any] = {
-                "id": response_id,
-                "object": "text_completion",
-                "created": created,
-                "model": model,
-                "choices": [choice],
+
+class _Chunks:
+    """The SSE chunks of one streamed answer: ``object`` is ``chat.completion.chunk`` (choices carry
+    a ``delta``) or ``text_completion`` (choices carry ``text``)."""
+
+    __slots__ = ("created", "field", "include_usage", "model", "object", "response_id")
+
+    def __init__(self, response_id: str, obj: str, field: str, model: str, include_usage: bool) -> None:
+        self.response_id = response_id
+        self.object = obj
+        self.field = field
+        self.model = model
+        self.include_usage = include_usage
+        self.created = int(time.time())
+
+    def event(self, value: Any, lp: Any = None, finish: str | None = None, matched: Any = None) -> bytes:
+        choice: dict[str, Any] = {"index": 0, self.field: value, "logprobs": lp, "finish_reason": finish}
+        if finish is not None:
+            choice["matched_stop"] = matched
+        obj: dict[str, Any] = {
+            "id": self.response_id,
+            "object": self.object,
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+        }
+        if self.include_usage:
+            obj["usage"] = None
+        return sse_event(obj)
+
+    def usage(self, usage: UsageCounter) -> bytes:
+        """The ``include_usage`` chunk after the final one."""
+        return sse_event(
+            {
+                "id": self.response_id,
+                "object": self.object,
+                "created": self.created,
+                "model": self.model,
+                "choices": [],
+                "usage": usage.to_dict(),
             }
-            if include_usage:
-                obj["usage"] = None
-            return sse_event(obj)
-
-        done = False
-        try:
-            if echo:
-                yield chunk(echo)
-            out = first
-            while True:
-                usage.add(out)
-                lp = lp_builder.build(out.new_logprobs or []) if want_lp else None
-                if out.finished:
-                    yield chunk(out.new_text, lp, self._finish_reason(out, False), out.matched_stop)
-                    if include_usage:
-                        yield sse_event(
-                            {
-                                "id": response_id,
-                                "object": "text_completion",
-                                "created": created,
-                                "model": model,
-                                "choices": [],
-                                "usage": usage.to_dict(),
-                            }
-                        )
-                    break
-                if out.new_text or (lp is not None and lp["tokens"]):
-                    yield chunk(out.new_text, lp)
-                out = await stream.next(self._output_timeout)
-            done = True
-            yield SSE_DONE
-        except PdserveError as exc:
-            yield sse_event(exc.to_openai())
-            yield SSE_DONE
-        except Exception:
-            logger.exception("completion stream %s failed", stream.ctx.request_id)
-            yield sse_event(INTERNAL_ERROR_BODY)
-            yield SSE_DONE
-        finally:
-            await stream.close(done)
+        )
 
 
-def _overrides(req: ChatCompletionRequest | CompletionRequest) -> dict[str, Any]:
+def _response(
+    response_id: str, obj: str, model: str, choice: dict[str, Any], usage: UsageCounter
+) -> dict[str, Any]:
+    """A non-streamed answer's body."""
     return {
-        "temperature": req.temperature,
-        "top_p": req.top_p,
-        "top_k": req.top_k,
-        "min_p": req.min_p,
-        "seed": req.seed,
+        "id": response_id,
+        "object": obj,
+        "created": int(time.time()),
+        "model": model,
+        "choices": [choice],
+        "usage": usage.to_dict(),
     }

@@ -8,7 +8,8 @@ Backend-stream lifecycle every endpoint follows:
    for the first delta (queueing + prefill), ``output_timeout_s`` between deltas, and the request
    deadline when the context has one (408 on expiry; 502 for a stream without a final delta).
 3. Streaming endpoints await the first delta before returning their SSE iterator (``_prime``), so
-   early failures are HTTP statuses, not error events.
+   early failures are HTTP statuses, not error events; ``_sse`` frames the events after that
+   (``[DONE]`` last; an error after the first byte becomes an error event before ``[DONE]``).
 4. Whatever happens, ``BackendStream.close`` runs: on an abnormal exit it cancels the context
    first, then closes the iterator so the backend's ``finally`` frees its resources.
 """
@@ -18,11 +19,12 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from typing import Any, Protocol
 
 from pdserve.api.backend import BootstrapInfo, GenerateBackend, RequestContext
 from pdserve.api.backend_stream import BackendStream
+from pdserve.api.sse import SSE_DONE, sse_event
 from pdserve.engine.outputs import RequestOutput
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.errors import (
@@ -30,6 +32,7 @@ from pdserve.errors import (
     ConfigError,
     ContextLengthError,
     ModelNotFoundError,
+    PdserveError,
     WorkerError,
 )
 
@@ -196,6 +199,28 @@ class ServingBase:
         except BaseException:
             await stream.close(False)
             raise
+
+    async def _sse(
+        self, stream: BackendStream, events: AsyncGenerator[bytes, None], what: str
+    ) -> AsyncIterator[bytes]:
+        """``events`` (the SSE events of ``stream``'s deltas) as one SSE response: ``[DONE]`` after
+        them; a failure becomes an error event before ``[DONE]``; ``stream`` is closed either way."""
+        done = False
+        try:
+            async for event in events:
+                yield event
+            done = True
+            yield SSE_DONE
+        except PdserveError as exc:
+            yield sse_event(exc.to_openai())
+            yield SSE_DONE
+        except Exception:
+            logger.exception("%s stream %s failed", what, stream.ctx.request_id)
+            yield sse_event(INTERNAL_ERROR_BODY)
+            yield SSE_DONE
+        finally:
+            await events.aclose()
+            await stream.close(done)
 
     async def _collect(
         self, stream: BackendStream, prompt_len: int

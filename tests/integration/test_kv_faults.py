@@ -16,7 +16,6 @@ import zmq
 import zmq.asyncio
 
 from pdserve.kvtransfer import errors as E
-from pdserve.kvtransfer.config import TransferConfig
 from pdserve.kvtransfer.decode import DecodeTransferService
 from pdserve.kvtransfer.pages import PageStore
 from pdserve.kvtransfer.prefill import PrefillTransferService
@@ -32,24 +31,11 @@ from pdserve.kvtransfer.protocol import (
 )
 from pdserve.kvtransfer.sender import KVSender
 from pdserve.kvtransfer.states import KVPoll
+from pdserve.kvtransfer.testing import fast_config as cfg
 from pdserve.kvtransfer.testing import open_fds, service_pair, tiny_layout
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 T = TypeVar("T")
-
-FAST = {
-    "heartbeat_interval_s": 0.1,
-    "heartbeat_misses": 5,
-    "bootstrap_timeout_s": 5.0,
-    "waiting_timeout_s": 5.0,
-    "transfer_timeout_s": 5.0,
-    "abort_timeout_s": 1.0,
-}
-
-
-def cfg(transport: str = "tcp", **over: Any) -> TransferConfig:
-    return TransferConfig.model_validate({"transport": transport, **FAST, **over})
-
 
 async def raises(aw: Awaitable[Any], cls: type[E.TransferError], within: float) -> E.TransferError:
     """Await ``aw``; it must raise ``cls`` within ``within`` seconds."""

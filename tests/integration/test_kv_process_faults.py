@@ -19,22 +19,13 @@ from pdserve.kvtransfer.peerproc import pages_digest
 from pdserve.kvtransfer.protocol import AuxData
 from pdserve.kvtransfer.shm_pool import list_segments, sweep_stale
 from pdserve.kvtransfer.states import KVPoll
-from pdserve.kvtransfer.testing import PeerProcess, open_fds, service_pair, tiny_layout
+from pdserve.kvtransfer.testing import PeerProcess, fast_config, open_fds, service_pair, tiny_layout
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 
 def cfg(transport: str, **over: Any) -> TransferConfig:
-    base = {
-        "transport": transport,
-        "heartbeat_interval_s": 0.1,
-        "heartbeat_misses": 5,
-        "bootstrap_timeout_s": 10.0,
-        "waiting_timeout_s": 10.0,
-        "transfer_timeout_s": 10.0,
-        "abort_timeout_s": 1.0,
-    }
-    return TransferConfig.model_validate({**base, **over})
+    return fast_config(transport, phase_timeout_s=10.0, **over)
 
 
 def kv_threads() -> list[str]:

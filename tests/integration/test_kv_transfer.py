@@ -6,36 +6,21 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-from typing import Any
 
 import numpy as np
 import pytest
 
-from pdserve.kvtransfer.config import TransferConfig
 from pdserve.kvtransfer.decode import DecodeTransferService
 from pdserve.kvtransfer.prefill import PrefillTransferService
 from pdserve.kvtransfer.protocol import AuxData
 from pdserve.kvtransfer.sender import TransferResult
 from pdserve.kvtransfer.shm_pool import list_segments
 from pdserve.kvtransfer.states import KVPoll
+from pdserve.kvtransfer.testing import fast_config as cfg
 from pdserve.kvtransfer.testing import open_fds, same_pages, service_pair, tiny_layout
 from pdserve.kvtransfer.transports.nccl_lib import LoopbackP2P
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
-
-FAST = {
-    "heartbeat_interval_s": 0.1,
-    "heartbeat_misses": 5,
-    "bootstrap_timeout_s": 5.0,
-    "waiting_timeout_s": 5.0,
-    "transfer_timeout_s": 5.0,
-    "abort_timeout_s": 1.0,
-}
-
-
-def cfg(transport: str, **over: Any) -> TransferConfig:
-    return TransferConfig.model_validate({"transport": transport, **FAST, **over})
-
 
 async def one_room(
     prefill: PrefillTransferService,

@@ -81,6 +81,15 @@ def test_full_sequence_logits_match_hf(setup: tuple[Path, Any, ModelRunner]) -> 
     torch.testing.assert_close(last[0], ref[-1], atol=1e-4, rtol=1e-4)
 
 
+def test_long_prefill_matches_hf(setup: tuple[Path, Any, ModelRunner]) -> None:
+    """A prompt longer than the dense-MoE threshold (experts grouped per expert, see engine.moe)."""
+    _, hf, runner = setup
+    ids = prompt(14, 90)
+    ref = hf_logits(hf, ids)
+    got = all_logits(runner, ids, list(range(30, 53)))
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+
+
 def test_token_by_token_decode_matches_hf_logits(setup: tuple[Path, Any, ModelRunner]) -> None:
     """Feeding the prompt one token per step (decode path, crossing block boundaries)."""
     _, hf, runner = setup
