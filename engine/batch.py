@@ -208,7 +208,7 @@ def _pack_decode(chunks: list[SeqChunk], block_size: int, limits: BatchLimits | 
             tables.append(table[:n])
             wants.append(chunk.need_logits)
         width = max(need)
-        padded = np.array([t if len(t) == width else t + [0] * (width - len(t)) for t in tables], np.int64)
+        padded = np.array([t if len(t) == width else [*t, *[0] * (width - len(t))] for t in tables], np.int64)
         token_arr = np.array(tokens, np.int64)
         slot_arr = np.array(slots, np.int64)
     except (OverflowError, TypeError, ValueError):  # ids beyond int64, non-integers
