@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from pdserve.router.breaker import BreakerState
+from pdserve.router.retry import FAILURE_KINDS
 
 LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
@@ -143,6 +144,14 @@ class RouterMetrics:
             "pdserve:router_breaker_transitions_total", "Breaker transitions by target state",
             ["state"], registry=registry,
         )
+        # rare-event counters start at 0 for every known label value, so dashboards and alert
+        # rules see a series (not "no data") on a healthy router
+        for state in BreakerState:
+            self.breaker_transitions.labels(state.name.lower())
+        for kind in FAILURE_KINDS:
+            self.retries.labels(kind)
+            for leg in ("prefill", "decode", "colocated"):
+                self.leg_failures.labels(leg, kind)
         self.worker_healthy = Gauge(
             "pdserve:router_worker_healthy", "1 if the worker passes health checks", ["worker", "role"],
             registry=registry,

@@ -16,6 +16,9 @@ from pdserve.router.errors import (
     UpstreamTimeoutError,
 )
 
+# every value failure_kind() returns (metrics pre-create their series with these)
+FAILURE_KINDS = ("peer", "timeout", "connect", "http_4xx", "http_5xx", "other")
+
 
 def failure_kind(exc: BaseException, root: bool = False) -> str:
     """Low-cardinality label for a failure (``root``: a peer-leg failure is named by its cause)."""
