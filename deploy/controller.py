@@ -259,6 +259,8 @@ class FleetController:
         except Exception as exc:
             await self._unreachable(s, exc)
             return
+        if s.busy:
+            return  # a removal (or launch) claimed the slot while we waited: it owns it now
         s.unreachable_since = None
         if old is not None and info["incarnation"] != old["incarnation"]:
             s.restarts += 1
@@ -271,6 +273,8 @@ class FleetController:
                 await self._deregister(s)
         s.info = info
         ok = await self.http.healthy(info["url"])
+        if s.busy:
+            return  # claimed while the health check ran: never re-register a draining worker
         if s.role == "router":
             s.state = "healthy" if ok else "unhealthy"
             self.metrics.router_up.set(1 if ok else 0)
@@ -306,7 +310,7 @@ class FleetController:
 
     async def _register(self, s: ActorSlot) -> None:
         router_url = self.router.url
-        if self.router.state != "healthy" or router_url is None or s.url is None:
+        if self.router.state != "healthy" or router_url is None or s.url is None or s.state == "draining":
             return
         if await self.http.register(router_url, url=s.url, role=s.role, bootstrap_port=s.bootstrap_port):
             s.registered_url = s.url
